@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llava-jax",
+    version="0.1.0",
+    description="LLaVA (1.0, 1.5, 1.6/NeXT) in JAX/Flax: checkpoint import, training, decoding, evaluation.",
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "numpy>=1.26",
+        "pillow>=10",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "absl-py>=2",
+        "ml-collections>=1",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "torch==2.13.0",
+            "transformers==5.23.0",
+            "protobuf>=4",
+        ],
+        "gguf": ["gguf>=0.17"],
+    },
+)
