@@ -13,6 +13,7 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "grain>=0.2.18,<0.3",
         "numpy>=1.26",
+        "ml-dtypes>=0.5",
         "pillow>=10",
         "sentencepiece>=0.2",
         "tokenizers>=0.21",

@@ -1,0 +1,159 @@
+"""Maps tensors of a checkpoint file onto the model's parameter tree, one tensor at a time.
+
+A format (llava-hf, original LLaVA, GGUF) describes itself as a list of `Rule`s: which file key (or,
+for stacked layers, which key per layer) fills which parameter path, and how the file's array is
+turned into ours. `read_params` then checks the file against the rules (missing, unexpected and
+mis-shaped tensors are reported by name) and builds each parameter, cast to the target dtype and
+placed on its devices before the next one is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Protocol
+
+import jax
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from llava_jax.checkpoints.safetensors_io import CheckpointError
+
+Array = np.ndarray
+
+
+class TensorSource(Protocol):
+    def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def read(self, key: str) -> np.ndarray: ...
+
+
+def identity(x: Array) -> Array:
+    return x
+
+
+def transpose(x: Array) -> Array:
+    """PyTorch Linear weight [out, in] <-> our kernel [in, out]."""
+    return x.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Parameter `path` (dotted) comes from file `key`; `{i}` in the key marks a stacked layer index.
+
+    `to_model` turns one file array into our layout, `to_file` does the reverse (for export).
+    """
+
+    path: str
+    key: str
+    to_model: Callable[[Array], Array] = identity
+    to_file: Callable[[Array], Array] = identity
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.key
+
+    def keys(self, num_layers: int) -> list[str]:
+        return [self.key.format(i=i) for i in range(num_layers)] if self.stacked else [self.key]
+
+
+def path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
+    return {path_str(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def check_coverage(rules: Iterable[Rule], state: nnx.State, source: TensorSource, ignore: Iterable[str] = ()):
+    """Raises CheckpointError naming every missing or unexpected tensor (ignoring regexes `ignore`)."""
+    rules = list(rules)
+    variables = flat_variables(state)
+    unmapped = sorted(set(variables) - {r.path for r in rules})
+    if unmapped:
+        raise CheckpointError(f"internal: no checkpoint rule for parameters {unmapped}")
+    expected = {k for r in rules for k in r.keys(variables[r.path].shape[0] if r.stacked else 1)}
+    present = set(source.keys())
+    skip = [re.compile(p) for p in ignore]
+    missing = sorted(expected - present)
+    unexpected = sorted(k for k in present - expected if not any(p.fullmatch(k) for p in skip))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''}"
+        )
+    if problems:
+        raise CheckpointError(
+            "checkpoint does not match the model config: " + "; ".join(problems)
+            + ". Check that config.json belongs to these weights."
+        )  # fmt: skip
+
+
+def _read_one(source: TensorSource, key: str, rule: Rule, shape: tuple[int, ...], dtype) -> Array:
+    array = rule.to_model(source.read(key))
+    if tuple(array.shape) != tuple(shape):
+        raise CheckpointError(
+            f"tensor {key} has shape {tuple(source.shape(key))}, which gives {tuple(array.shape)} for parameter "
+            f"{rule.path}; the model config expects {tuple(shape)}"
+        )
+    return np.asarray(array, dtype=dtype)
+
+
+def read_params(rules: Iterable[Rule], abstract: nnx.State, source: TensorSource, *, dtype=None, shardings=None,
+                ignore: Iterable[str] = (), progress: bool = False) -> nnx.State:  # fmt: skip
+    """Fills an abstract state (from `nnx.eval_shape` + `nnx.split`) with the checkpoint's tensors.
+
+    dtype: the parameter dtype (default: each abstract variable's). shardings: a state of
+    NamedShardings (from `llava_jax.sharding.state_shardings`), or None for the default device.
+    """
+    rules = list(rules)
+    check_coverage(rules, abstract, source, ignore)
+    variables = flat_variables(abstract)
+    target = {} if shardings is None else {path_str(p): s for p, s in nnx.to_flat_state(shardings)}
+    by_path = {r.path: r for r in rules}
+    filled = {}
+    total = sum(len(r.keys(variables[r.path].shape[0] if r.stacked else 1)) for r in rules)
+    bar = tqdm(total=total, desc="reading tensors", unit="tensor", disable=not progress)
+    for path, var in variables.items():
+        rule = by_path[path]
+        shape, want = var.shape, np.dtype(dtype or var.dtype)
+        if rule.stacked:
+            value = np.empty(shape, want)
+            for i, key in enumerate(rule.keys(shape[0])):
+                value[i] = _read_one(source, key, rule, shape[1:], want)
+                bar.update()
+        else:
+            value = _read_one(source, rule.key, rule, shape, want)
+            bar.update()
+        filled[path] = var.replace(place(value, target.get(path)))
+    bar.close()
+    return nnx.from_flat_state([(tuple(_key(p) for p in path.split(".")), v) for path, v in filled.items()])
+
+
+def _key(part: str):
+    return int(part) if part.isdigit() else part
+
+
+def place(value: Array, sharding) -> jax.Array:
+    """Host array -> device array, laid out by `sharding`; each process supplies only its own shards."""
+    if sharding is None:
+        return jax.device_put(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def write_params(rules: Iterable[Rule], state: nnx.State, dtype=None) -> Iterable[tuple[str, Array]]:
+    """The reverse of read_params: yields (file key, array in the file's layout), one at a time."""
+    variables = flat_variables(state)
+    for rule in rules:
+        value = np.asarray(jax.device_get(variables[rule.path].get_value()))
+        if dtype is not None:
+            value = value.astype(dtype)
+        if rule.stacked:
+            for i, key in enumerate(rule.keys(value.shape[0])):
+                yield key, np.ascontiguousarray(rule.to_file(value[i]))
+        else:
+            yield rule.key, np.ascontiguousarray(rule.to_file(value))

@@ -1,0 +1,118 @@
+"""Reads safetensors files (single or sharded) one tensor at a time, bfloat16 included.
+
+The `safetensors` package's numpy backend cannot represent bfloat16, so the format is read directly:
+an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
+raw little-endian bytes. Files are memory-mapped, so a tensor costs memory only when it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}  # fmt: skip
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not fit the model."""
+
+
+class SafetensorsFile:
+    """One .safetensors file: `keys()`, `shape(key)`, `read(key) -> np.ndarray`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot open safetensors file {path}: {e}") from e
+        try:
+            (n,) = struct.unpack("<Q", self._map[:8])
+            header = json.loads(self._map[8 : 8 + n])
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a valid safetensors file (bad header): {e}") from e
+        header.pop("__metadata__", None)
+        self._header, self._data_start = header, 8 + n
+        size = len(self._map)
+        for key, info in header.items():
+            start, end = info["data_offsets"]
+            if info["dtype"] not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+            expected = int(np.prod(info["shape"])) * np.dtype(DTYPES[info["dtype"]]).itemsize
+            if end - start != expected or self._data_start + end > size:
+                raise CheckpointError(f"{path}: tensor {key} is truncated or corrupt (file is {size} bytes)")
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def read(self, key: str) -> np.ndarray:
+        info = self._header[key]
+        start, end = info["data_offsets"]
+        buf = self._map[self._data_start + start : self._data_start + end]
+        return np.frombuffer(buf, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def close(self):
+        self._map.close()
+        self._file.close()
+
+
+class SafetensorsCheckpoint:
+    """All tensors of a directory: `model.safetensors`, or the shards its index names, or every
+    `*.safetensors` file there. `keys()`, `shape(key)`, `read(key)`."""
+
+    def __init__(self, directory: str):
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"checkpoint directory {directory} does not exist")
+        index = os.path.join(directory, INDEX_FILE)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        else:
+            names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+            weight_map = None
+        if not names:
+            raise CheckpointError(f"no .safetensors files in {directory}")
+        for name in names:
+            if not os.path.exists(os.path.join(directory, name)):
+                raise CheckpointError(f"{INDEX_FILE} in {directory} names {name}, which is missing")
+        self.files = {name: SafetensorsFile(os.path.join(directory, name)) for name in names}
+        self._where: dict[str, SafetensorsFile] = {}
+        for name, f in self.files.items():
+            for key in f.keys():
+                if key in self._where:
+                    raise CheckpointError(f"tensor {key} appears in more than one file of {directory}")
+                if weight_map is not None and weight_map.get(key) != name:
+                    raise CheckpointError(f"tensor {key} is in {name} but {INDEX_FILE} says {weight_map.get(key)}")
+                self._where[key] = f
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self._where))
+            if absent:
+                raise CheckpointError(f"{INDEX_FILE} lists tensors that no shard holds: {absent[:5]}")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def read(self, key: str) -> np.ndarray:
+        return self._where[key].read(key)
+
+    def close(self):
+        for f in self.files.values():
+            f.close()

@@ -1,0 +1,118 @@
+"""LLaVA: image features written into the text embeddings at the image-token positions -> logits.
+
+HF convention: the processor has already expanded each `<image>` into one `image_token_id` per
+feature, so the k-th image token of the batch (row-major) receives the k-th feature row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.config import LlavaConfig
+from llava_jax.model.decoder import Decoder, KVCache
+from llava_jax.model.layers import param
+from llava_jax.model.projector import Projector
+from llava_jax.model.vision import VisionTower
+
+
+class ImageTokenMismatch(ValueError):
+    """The number of image tokens in input_ids differs from the number of image features."""
+
+
+def check_image_tokens(input_ids, image_token_id: int, num_features: int) -> None:
+    """Raises ImageTokenMismatch unless input_ids holds exactly `num_features` image tokens."""
+    n_tokens = int(np.sum(np.asarray(input_ids) == image_token_id))
+    if n_tokens != num_features:
+        raise ImageTokenMismatch(
+            f"input_ids hold {n_tokens} image tokens (id {image_token_id}) but the images give {num_features} "
+            "features; expand each <image> to the model's image-token count (pipe.prepare does this) and pass "
+            "one image per <image>"
+        )
+
+
+def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
+    """Writes feature rows into the image positions, in order.
+
+    embeds: [B, T, D]; is_image: [B, T] bool; features: [M, D] with M >= the number of image
+    positions (surplus rows, e.g. padding images, are ignored). Returns [B, T, D].
+    """
+    b, t = is_image.shape
+    order = jnp.cumsum(is_image.reshape(-1)) - 1  # k-th image position -> feature row k
+    rows = jnp.take(features, jnp.clip(order, 0, features.shape[0] - 1), axis=0).reshape(b, t, -1)
+    return jnp.where(is_image[..., None], rows.astype(embeds.dtype), embeds)
+
+
+class LlavaModel(nnx.Module):
+    """Vision tower -> projector -> decoder.
+
+    Parameter tree: vision.*, projector.linears.*, decoder.*, and image_newline for LLaVA-NeXT's
+    'spatial_unpad' merge.
+    """
+
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs, remat: bool = False):
+        self.cfg = cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.vision = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.projector = Projector(cfg.projector_type, cfg.projector_in_dim, cfg.text.hidden_size,
+                                   bias=cfg.projector_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)  # fmt: skip
+        self.decoder = Decoder(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        d = cfg.text.hidden_size
+        with_newline = cfg.is_anyres and cfg.patch_merge_type == "spatial_unpad"
+        self.image_newline = nnx.data(
+            param(rngs, nnx.initializers.normal(d**-0.5), (d,), ("embed",), param_dtype) if with_newline else None
+        )
+
+    def tile_features(self, pixel_values: jax.Array) -> jax.Array:
+        """Projected features of each tile. pixel_values: [N, C, H, W] -> [N, F, D_text]."""
+        states = self.vision(pixel_values, self.cfg.feature_layers)
+        if self.cfg.vision_feature_select_strategy == "default":
+            states = [h[:, 1:] for h in states]
+        return self.projector(jnp.concatenate(states, axis=-1))
+
+    def image_features(self, pixel_values: jax.Array, image_sizes=None) -> jax.Array:
+        """All image features of a batch in order, one row per image token.
+
+        pixel_values: [N, C, H, W] -> [N * F, D_text].
+        """
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be [N, C, H, W] for this model, got shape {pixel_values.shape}")
+        features = self.tile_features(pixel_values)
+        return features.reshape(-1, features.shape[-1])
+
+    def num_image_features(self, pixel_values_shape: tuple[int, ...], image_sizes=None) -> int:
+        """How many image tokens images of this shape fill (known on the host, before running)."""
+        return pixel_values_shape[0] * self.cfg.tokens_per_tile
+
+    def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
+        """Token embeddings with image features written in. input_ids: [B, T] -> [B, T, D]."""
+        is_image = input_ids == self.cfg.image_token_id
+        embeds = self.decoder.embed_tokens(jnp.where(is_image, 0, input_ids))
+        if image_features is None:
+            return embeds
+        return scatter_image_features(embeds, is_image, image_features)
+
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, attention_mask=None,
+                 image_sizes=None, positions=None) -> jax.Array:  # fmt: skip
+        """Logits of a whole sequence (no cache).
+
+        input_ids: [B, T] int; pixel_values: [N, C, H, W] (or the NeXT layout with image_sizes);
+        attention_mask: [B, T] (1 = token, 0 = padding); positions: [B, T], default 0..T-1 as
+        transformers uses without a cache. Returns float32 logits [B, T, V].
+        """
+        b, t = input_ids.shape
+        features = None if pixel_values is None else self.image_features(pixel_values, image_sizes)
+        if not isinstance(input_ids, jax.core.Tracer):  # eager call: check what jit cannot
+            check_image_tokens(input_ids, self.cfg.image_token_id, 0 if features is None else features.shape[0])
+        x = self.embed(input_ids, features)
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        hidden, _ = self.decoder(x, positions, attention_mask)
+        return self.decoder.logits(hidden)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+        return KVCache.zeros(self.cfg.text, batch, length, dtype or jnp.dtype(self.cfg.dtype))

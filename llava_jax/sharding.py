@@ -1,0 +1,84 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+Parameters carry logical `axes` metadata (see `llava_jax.model.layers.param`); activations are
+constrained with `constrain(x, axes)`, a no-op outside a mesh context (`jax.set_mesh`). Mesh axes are
+named from `data`, `fsdp`, `tensor`; a mesh may have any subset of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes); names missing here are replicated.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (all by default); -1 takes what is left."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    sizes = [devices.size // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not use exactly the {devices.size} devices")
+    return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], mesh: Mesh | Any, shape: tuple[int, ...] | None = None) -> PartitionSpec:
+    """PartitionSpec for logical `axes` on `mesh`; a dimension that the mesh axes do not divide, or
+    a mesh axis already used by an earlier dimension, stays replicated."""
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(axes):
+        target = LOGICAL_RULES.get(name) if name else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t in mesh.axis_names and mesh.shape[t] > 1 and t not in used)
+        size = math.prod(mesh.shape[t] for t in targets)
+        if not targets or (shape is not None and shape[i] % size):
+            spec.append(None)
+            continue
+        used.update(targets)
+        spec.append(targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint on an activation by logical axes; no-op without a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh, x.shape))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedSharding for every variable of an (abstract) nnx state, from its `axes` metadata."""
+
+    def sharding(v):
+        axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
+        return NamedSharding(mesh, logical_to_spec(axes, mesh, v.shape))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,76 @@
+"""Tiny random llava-hf models built with transformers: the numerical reference of the tests."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import transformers
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              image_size=28, patch_size=7, hidden_act="quick_gelu", projection_dim=16)  # fmt: skip
+TEXT = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)  # fmt: skip
+IMAGE_TOKEN = 95
+PAD_TOKEN = 0
+
+
+def llava_hf_config(text: dict | None = None, vision: dict | None = None, text_model: str = "llama",
+                    **kwargs) -> transformers.LlavaConfig:  # fmt: skip
+    text_cfg = transformers.AutoConfig.for_model(text_model, **{**TEXT, **(text or {})})
+    vision_cfg = transformers.CLIPVisionConfig(**{**VISION, **(vision or {})})
+    kwargs = {"image_token_index": IMAGE_TOKEN, "vision_feature_layer": -2,
+              "vision_feature_select_strategy": "default", **kwargs}  # fmt: skip
+    return transformers.LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, **kwargs)
+
+
+def build_llava(config: transformers.PretrainedConfig, seed: int = 0, scale: float = 0.3):
+    """A float32 model in eval mode with random weights large enough to make logits differ."""
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    _randomise(model, seed, scale)
+    return model
+
+
+def _randomise(model: torch.nn.Module, seed: int, scale: float):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("layernorm.weight", "layer_norm1.weight", "layer_norm2.weight", "norm.weight",
+                              "pre_layrnorm.weight", "post_layernorm.weight")):  # fmt: skip
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=gen) / max(1, p.shape[-1]) ** 0.25)
+
+
+def save(model, directory: str, hub_layout: bool = False) -> str:
+    """Saves config.json + model.safetensors; `hub_layout` renames keys to the published layout."""
+    model.save_pretrained(directory)
+    if hub_layout:
+        from safetensors.torch import load_file, save_file
+
+        path = os.path.join(directory, "model.safetensors")
+        tensors = load_file(path)
+        save_file({to_hub(k): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    return directory
+
+
+def to_hub(key: str) -> str:
+    for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                     ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.image_newline", "image_newline")):  # fmt: skip
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def reference_logits(model, input_ids, pixel_values=None, attention_mask=None, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
+            pixel_values=None if pixel_values is None else torch.as_tensor(np.asarray(pixel_values)),
+            attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)),
+            **kwargs,
+        )
+    return out.logits.float().numpy()
