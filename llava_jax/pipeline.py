@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,10 @@ from llava_jax.checkpoints import hf, orbax
 from llava_jax.checkpoints.params import read_params
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.config import LlavaConfig
+from llava_jax.feature_cache import ImageFeatureCache
+from llava_jax.generate import Generator, prompt_rows
 from llava_jax.model.llava import LlavaModel, check_image_tokens
+from llava_jax.samplers import make_sampler
 
 
 def abstract_model(config: LlavaConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -89,6 +93,13 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self._graphdef, self._state = nnx.split(model)
+        self.eos_ids = read_eos_ids(directory, tokenizer)
+        self.feature_cache = ImageFeatureCache(self._compute_image_features)
+        pad_id = getattr(tokenizer, "pad_id", None)
+        if pad_id is None or pad_id < 0 or pad_id == config.image_token_id:
+            pad_id = 0 if config.image_token_id != 0 else 1  # padding is masked: any id but the image token
+        self._generator = Generator(self._graphdef, lambda: self._state, max_length=config.text.max_position_embeddings,
+                                    pad_id=pad_id, decode_text=tokenizer.decode if tokenizer is not None else None)  # fmt: skip
 
     @property
     def model(self) -> LlavaModel:
@@ -128,7 +139,7 @@ class Pipeline:
         pixel_values = None if pixel_values is None else np.asarray(pixel_values, np.float32)
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask, np.int32).reshape(input_ids.shape)
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        with self._mesh_context():
             out = self._forward(
                 self._state,
                 self._device_input(input_ids.astype(np.int32), ("batch", None)),
@@ -137,3 +148,76 @@ class Pipeline:
                 None if image_sizes is None else jnp.asarray(image_sizes),
             )
         return np.asarray(jax.device_get(out), np.float32)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _image_features_fn(self):
+        graphdef = self._graphdef
+
+        @functools.partial(jax.jit, static_argnames=("image_sizes",))
+        def image_features(state, pixel_values, image_sizes):
+            model = nnx.merge(graphdef, state)
+            return model.image_features(pixel_values, None if image_sizes is None else jnp.asarray(image_sizes))
+
+        return image_features
+
+    def _compute_image_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray | None) -> jax.Array:
+        """One image's features [F, D]; image_sizes is static (anyres feature counts depend on it)."""
+        sizes = None if image_sizes is None else tuple(tuple(int(v) for v in row) for row in np.asarray(image_sizes))
+        with self._mesh_context():
+            return self._image_features_fn(self._state, self._device_input(pixel_values, ("batch",) + (None,) * (pixel_values.ndim - 1)), sizes)
+
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _prepare_generation(self, input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens, temperature,
+                            top_k, top_p, seed, stop, eos_ids):  # fmt: skip
+        rows = prompt_rows(input_ids, attention_mask)
+        model = self.model
+        n_features = 0 if pixel_values is None else model.num_image_features(np.shape(pixel_values), image_sizes)
+        check_image_tokens(np.concatenate(rows), self.config.image_token_id, n_features)
+        features = None if pixel_values is None else self.feature_cache.features(pixel_values, image_sizes)
+        kwargs = dict(max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_k, top_p), seed=seed,
+                      eos_ids=self.eos_ids if eos_ids is None else tuple(eos_ids), stop=tuple(stop))  # fmt: skip
+        return rows, features, kwargs
+
+    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *, max_new_tokens=256,
+                 temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=(), eos_ids=None) -> list[list[int]]:  # fmt: skip
+        """New token ids for each prompt, as HF's `generate(...)[:, T:]` without the padding after eos.
+
+        input_ids: [B, T] (left- or right-padded, with attention_mask), [T], or a list of ragged
+        token lists; pixel_values / image_sizes as for `logits`. Greedy for temperature 0, else
+        sampling with top_k (0 = off) and top_p (1.0 = off); the same seed gives the same output.
+        A row ends after an eos id (eos_ids, default the checkpoint's), after the token that
+        completes a stop string (needs the tokenizer), or at max_new_tokens or the context length.
+        """
+        rows, features, kwargs = self._prepare_generation(input_ids, pixel_values, image_sizes, attention_mask,
+                                                          max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                                          eos_ids)  # fmt: skip
+        with self._mesh_context():
+            return self._generator.generate(rows, features, **kwargs)
+
+    def generate_stream(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *,
+                        max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=(),
+                        eos_ids=None) -> Iterator[list[list[int]]]:  # fmt: skip
+        """As `generate`, yielding each row's new ids as they come (one decode step at a time)."""
+        rows, features, kwargs = self._prepare_generation(input_ids, pixel_values, image_sizes, attention_mask,
+                                                          max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                                          eos_ids)  # fmt: skip
+        with self._mesh_context():
+            yield from self._generator.stream(rows, features, chunk=1, **kwargs)
+
+
+def read_eos_ids(directory: str | None, tokenizer=None) -> tuple[int, ...]:
+    """End-of-sequence ids: generation_config.json, else config.json (text_config), else the tokenizer's."""
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(directory, name) if directory else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                cfg = json.load(f)
+            eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
+            if eos is not None:
+                return tuple(sorted({int(e) for e in (eos if isinstance(eos, list) else [eos])}))
+    eos = getattr(tokenizer, "eos_id", None)
+    return () if eos is None or eos < 0 else (int(eos),)

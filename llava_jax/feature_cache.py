@@ -1,0 +1,56 @@
+"""A cache of image features keyed by image content, so a new prompt about the same image does not
+run the vision tower again (multi-turn chat, several questions per image in evaluation)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def image_key(pixel_values: np.ndarray, image_size=None) -> str:
+    """A digest of one image's preprocessed pixels (and its original size, which anyres reads)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((pixel_values.shape, str(pixel_values.dtype), None if image_size is None else tuple(image_size))).encode())
+    h.update(np.ascontiguousarray(pixel_values).tobytes())
+    return h.hexdigest()
+
+
+class ImageFeatureCache:
+    """Image features per image, least recently used dropped beyond `capacity` images.
+
+    compute(pixel_values [1, ...] float32, image_sizes [1, 2] or None) -> features [F, D]: runs the
+    vision tower and projector on one image.
+    """
+
+    def __init__(self, compute: Callable[[np.ndarray, np.ndarray | None], jax.Array], capacity: int = 16):
+        self.compute = compute
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def features(self, pixel_values, image_sizes=None) -> jax.Array:
+        """All images' features in order: pixel_values [N, ...] -> [M, D] (M = the sum of F)."""
+        pixel_values = np.asarray(pixel_values, np.float32)
+        sizes = None if image_sizes is None else np.asarray(image_sizes).reshape(len(pixel_values), -1)
+        rows = []
+        for i in range(len(pixel_values)):
+            one, size = pixel_values[i : i + 1], None if sizes is None else sizes[i : i + 1]
+            key = image_key(one, None if size is None else size[0])
+            if key in self._entries:
+                self._entries.move_to_end(key)
+            else:
+                self._entries[key] = self.compute(one, size)
+                while len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
+            rows.append(self._entries[key])
+        return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)

@@ -1,0 +1,244 @@
+"""Generation: prefill prompts into a preallocated KV cache, then decode inside one jit.
+
+Batch layout: prompts are left-padded to a bucketed length T, so every row's last prompt token
+sits at slot T - 1 and one cache index serves the whole batch. Generated token k (k = 0 comes from
+the prefill) is fed back at slot T + k. RoPE positions count real tokens only (transformers'
+`attention_mask.cumsum(-1) - 1`), so the padding does not change any result. The cache holds
+S = T + N slots, N >= max_new_tokens bucketed too: prompts and budgets of new lengths reuse the
+compiled programs of their bucket.
+
+The decode loop is a `lax.while_loop` over tokens that ends when every row is done or a step
+limit is reached; `Generator.stream` runs it in chunks (one token for streaming) and checks stop
+strings on the host between chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.model.decoder import KVCache
+from llava_jax.samplers import Greedy, Sampling
+
+Sampler = Greedy | Sampling
+
+
+class PromptTooLong(ValueError):
+    """A prompt does not fit the model's context."""
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries. B rows, S cache slots, N slots for new tokens."""
+
+    cache: KVCache  # k, v: [L, B, S, K, hd]
+    tokens: jax.Array  # [B, N] int32 generated ids; pad_id after a row is done
+    kv_valid: jax.Array  # [B, S] bool: the prompt's attention mask, then True for generated slots
+    prompt_tokens: jax.Array  # [B] int32 real (unpadded) prompt length: the RoPE position of token 0
+    step: jax.Array  # [] int32 how many entries of `tokens` are filled
+    done: jax.Array  # [B] bool: emitted an end-of-sequence id (or stopped by the host)
+    rng: jax.Array  # PRNG key; the draw for token k uses fold_in(rng, k)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Rounds n up to one of four sizes per octave (16, 20, 24, 28, 32, 40, ..., 256, 320, 384, ...):
+    few distinct shapes to compile, at most 25% padding."""
+    n = max(int(n), minimum)
+    step = max(1, 1 << max(0, n.bit_length() - 3))
+    return -(-n // step) * step
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged token rows -> (input_ids [B, length] int32, attention_mask [B, length] int32), left-padded."""
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, length - len(row):] = row
+            mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def prompt_rows(input_ids, attention_mask=None) -> list[np.ndarray]:
+    """Each prompt's real tokens: input_ids [B, T] (or [T], or a list of ragged lists), with the
+    attention mask's zeros (left or right padding) dropped."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
+        if attention_mask is not None:
+            raise ValueError("pass either ragged token lists or input_ids with an attention_mask, not both")
+        return [np.asarray(r, np.int32).reshape(-1) for r in input_ids]
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T] or [T], got shape {ids.shape}")
+    if attention_mask is None:
+        return list(ids)
+    mask = np.asarray(attention_mask).reshape(ids.shape).astype(bool)
+    return [row[m] for row, m in zip(ids, mask)]
+
+
+def _sample(sampler: Sampler, logits, rng, step, done, eos_ids, pad_id):
+    """logits [B, V] -> (token [B], done [B]); rows already done emit pad_id."""
+    token = sampler.sample(logits, jax.random.fold_in(rng, step))
+    token = jnp.where(done, pad_id, token)
+    return token, done | jnp.isin(token, jnp.asarray(eos_ids or (-1,), jnp.int32))
+
+
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
+            features: jax.Array | None, rng: jax.Array, *, num_new: int, sampler: Sampler,
+            eos_ids: tuple[int, ...], pad_id: int) -> DecodeState:  # fmt: skip
+    """Runs the prompts through the decoder into a fresh cache and samples the first new token.
+
+    input_ids, attention_mask: [B, T] left-padded; features: [M, D] image features (M >= the image
+    tokens in input_ids) or None. The cache gets T + num_new slots.
+    """
+    model = nnx.merge(graphdef, params)
+    b, t = input_ids.shape
+    mask = attention_mask.astype(bool)
+    positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
+    kv_valid = jnp.concatenate([mask, jnp.ones((b, num_new), bool)], axis=1)
+    cache = model.init_cache(b, t + num_new)
+    hidden, cache = model.decoder(model.embed(input_ids, features), positions, kv_valid, cache, 0)
+    logits = model.decoder.logits(hidden[:, -1:])[:, 0]
+    done = jnp.zeros((b,), bool)
+    token, done = _sample(sampler, logits, rng, 0, done, eos_ids, pad_id)
+    tokens = jnp.full((b, num_new), pad_id, jnp.int32).at[:, 0].set(token)
+    return DecodeState(cache, tokens, kv_valid, mask.sum(-1).astype(jnp.int32), jnp.int32(1), done, rng)
+
+
+def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, limit: jax.Array, *,
+           sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int) -> DecodeState:  # fmt: skip
+    """Generates tokens until `state.step` reaches `limit` (<= N) or every row is done."""
+    model = nnx.merge(graphdef, params)
+    prompt_length = state.kv_valid.shape[1] - state.tokens.shape[1]
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
+        positions = (s.prompt_tokens + s.step - 1)[:, None]
+        hidden, cache = model.decoder(model.decoder.embed_tokens(last), positions, s.kv_valid, s.cache,
+                                      prompt_length + s.step - 1)  # fmt: skip
+        logits = model.decoder.logits(hidden)[:, 0]
+        token, done = _sample(sampler, logits, s.rng, s.step, s.done, eos_ids, pad_id)
+        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
+        return s._replace(cache=cache, tokens=tokens, step=s.step + 1, done=done)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+class Generator:
+    """Host side of generation for one model: bucketing, the jitted prefill/decode, eos, stop strings.
+
+    graphdef, params: the split LlavaModel (params are read at each call, so the owner may replace
+    them). decode_text: ids -> str, needed only for stop strings.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, params_fn: Callable[[], nnx.State], *, max_length: int,
+                 pad_id: int = 0, decode_text: Callable[[list[int]], str] | None = None):  # fmt: skip
+        self.params_fn = params_fn
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.decode_text = decode_text
+        self._prefill = jax.jit(functools.partial(prefill, graphdef),
+                                static_argnames=("num_new", "sampler", "eos_ids", "pad_id"))  # fmt: skip
+        self._decode = jax.jit(functools.partial(decode, graphdef), donate_argnames=("state",),
+                               static_argnames=("sampler", "eos_ids", "pad_id"))  # fmt: skip
+
+    def start(self, rows: list[np.ndarray], features: jax.Array | None, *, max_new_tokens: int, sampler: Sampler,
+              seed: int, eos_ids: tuple[int, ...]) -> tuple[DecodeState, int]:  # fmt: skip
+        """Prefills ragged prompt rows; returns the state and the usable number of new tokens."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(len(r) for r in rows)
+        if min(len(r) for r in rows) == 0:
+            raise ValueError("an empty prompt cannot be continued; give at least one token (e.g. BOS)")
+        if longest >= self.max_length:
+            raise PromptTooLong(
+                f"a prompt of {longest} tokens (image tokens included) does not fit the model's context of "
+                f"{self.max_length} tokens; shorten the text or pass fewer images"
+            )
+        max_new_tokens = min(max_new_tokens, self.max_length - longest)  # generation ends at the context
+        t, n = bucket(longest), bucket(max_new_tokens)
+        input_ids, mask = left_pad(rows, t, self.pad_id)
+        if features is not None:
+            features = jnp.pad(features, ((0, bucket(features.shape[0]) - features.shape[0]), (0, 0)))
+        state = self._prefill(self.params_fn(), input_ids, mask, features, jax.random.key(seed), num_new=n,
+                              sampler=sampler, eos_ids=eos_ids, pad_id=self.pad_id)  # fmt: skip
+        return state, max_new_tokens
+
+    def stream(self, rows: list[np.ndarray], features: jax.Array | None = None, *, max_new_tokens: int = 256,
+               sampler: Sampler = Greedy(), seed: int = 0, eos_ids: tuple[int, ...] = (),
+               stop: Sequence[str] = (), chunk: int | None = 1) -> Iterator[list[list[int]]]:  # fmt: skip
+        """Yields each row's new ids since the last yield (an empty list once a row is finished),
+        after every `chunk` tokens (None: once, at the end). A row finishes after an eos id (kept) or
+        after the token that completes a stop string (kept; cut the text with `cut_at_stop`)."""
+        if stop and self.decode_text is None:
+            raise ValueError("stop strings need a tokenizer to decode the ids; this pipeline has none")
+        eos_ids = tuple(sorted({int(e) for e in eos_ids}))
+        state, budget = self.start(rows, features, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                                   eos_ids=eos_ids)  # fmt: skip
+        b = len(rows)
+        out: list[list[int]] = [[] for _ in range(b)]
+        finished = [False] * b
+        emitted = 0
+        while True:
+            step = int(state.step)
+            tokens, done = jax.device_get((state.tokens[:, emitted:step], state.done))
+            new = [[] for _ in range(b)]
+            for i in range(b):
+                for tok in tokens[i]:
+                    if finished[i]:
+                        break
+                    out[i].append(int(tok))
+                    new[i].append(int(tok))
+                    if int(tok) in eos_ids or len(out[i]) >= budget:
+                        finished[i] = True
+                if not finished[i] and stop and new[i] and find_stop(self.decode_text(out[i]), stop) is not None:
+                    finished[i] = True
+                    out[i], new[i] = trim_to_stop(out[i], new[i], stop, self.decode_text)
+            emitted = step
+            yield new
+            if all(finished) or step >= budget:
+                return
+            if any(f and not d for f, d in zip(finished, done)):  # stopped by a stop string
+                state = state._replace(done=jnp.asarray(np.array(finished) | done))
+            limit = budget if chunk is None else min(budget, step + chunk)
+            state = self._decode(self.params_fn(), state, jnp.int32(limit), sampler=sampler, eos_ids=eos_ids,
+                                 pad_id=self.pad_id)  # fmt: skip
+
+    def generate(self, rows: list[np.ndarray], features: jax.Array | None = None, **kwargs) -> list[list[int]]:
+        """Each row's new ids (see `stream`), computed with as few host round trips as possible."""
+        chunk = 16 if kwargs.get("stop") else None
+        out = [[] for _ in rows]
+        for new in self.stream(rows, features, chunk=chunk, **kwargs):
+            for row, ids in zip(out, new):
+                row.extend(ids)
+        return out
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in text, or None."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """text up to (not including) its first stop string."""
+    i = find_stop(text, stop)
+    return text if i is None else text[:i]
+
+
+def trim_to_stop(out: list[int], new: list[int], stop: Sequence[str], decode_text) -> tuple[list[int], list[int]]:
+    """Drops the tokens after the one that completed the first stop string (a chunk may overshoot)."""
+    keep = len(out) - len(new)
+    while keep < len(out) and find_stop(decode_text(out[: keep + 1]), stop) is None:
+        keep += 1
+    kept = out[: keep + 1]
+    return kept, new[: len(new) - (len(out) - len(kept))]
