@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.model.decoder import KVCache
+from llava_jax.model import decode_layout
+from llava_jax.model.decode_layout import LayerCache
 from llava_jax.samplers import Greedy, Sampling
 
 Sampler = Greedy | Sampling
@@ -36,7 +37,7 @@ class PromptTooLong(ValueError):
 class DecodeState(NamedTuple):
     """Everything the decode loop carries. B rows, S cache slots, N slots for new tokens."""
 
-    cache: KVCache  # k, v: [L, B, S, K, hd]
+    caches: tuple[LayerCache, ...]  # per layer k, v: [B * K, S, hd]
     tokens: jax.Array  # [B, N] int32 generated ids; pad_id after a row is done
     kv_valid: jax.Array  # [B, S] bool: the prompt's attention mask, then True for generated slots
     prompt_tokens: jax.Array  # [B] int32 real (unpadded) prompt length: the RoPE position of token 0
@@ -89,32 +90,39 @@ def _sample(sampler: Sampler, logits, rng, step, done, eos_ids, pad_id):
     return token, done | jnp.isin(token, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
 
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-            features: jax.Array | None, rng: jax.Array, *, num_new: int, sampler: Sampler,
-            eos_ids: tuple[int, ...], pad_id: int) -> DecodeState:  # fmt: skip
-    """Runs the prompts through the decoder into a fresh cache and samples the first new token.
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, dparams: dict, input_ids: jax.Array,
+            attention_mask: jax.Array, features: jax.Array | None, rng: jax.Array, *, num_new: int,
+            sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int, pad_columns: bool,
+            cache_dtype=None) -> DecodeState:  # fmt: skip
+    """Runs the prompts through the decoder into fresh caches and samples the first new token.
 
+    params: the LlavaModel's state (for the embeddings); dparams: `decode_layout.decode_params`.
     input_ids, attention_mask: [B, T] left-padded; features: [M, D] image features (M >= the image
-    tokens in input_ids) or None. The cache gets T + num_new slots.
+    tokens in input_ids) or None. The caches get T + num_new slots.
     """
     model = nnx.merge(graphdef, params)
+    cfg = model.cfg.text
     b, t = input_ids.shape
     mask = attention_mask.astype(bool)
     positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
     kv_valid = jnp.concatenate([mask, jnp.ones((b, num_new), bool)], axis=1)
-    cache = model.init_cache(b, t + num_new)
-    hidden, cache = model.decoder(model.embed(input_ids, features), positions, kv_valid, cache, 0)
-    logits = model.decoder.logits(hidden[:, -1:])[:, 0]
+    caches = decode_layout.empty_caches(cfg, b, t + num_new, cache_dtype or jnp.dtype(model.cfg.dtype))
+    hidden, caches = decode_layout.forward(dparams, cfg, model.embed(input_ids, features), positions, kv_valid,
+                                           caches, 0, fresh=True, pad_columns=pad_columns)  # fmt: skip
+    last = hidden.reshape(-1, b, t)[:, :, -1]  # [D, B]
+    logits = decode_layout.logits(dparams, last, pad_columns=pad_columns)
     done = jnp.zeros((b,), bool)
     token, done = _sample(sampler, logits, rng, 0, done, eos_ids, pad_id)
     tokens = jnp.full((b, num_new), pad_id, jnp.int32).at[:, 0].set(token)
-    return DecodeState(cache, tokens, kv_valid, mask.sum(-1).astype(jnp.int32), jnp.int32(1), done, rng)
+    return DecodeState(caches, tokens, kv_valid, mask.sum(-1).astype(jnp.int32), jnp.int32(1), done, rng)
 
 
-def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, limit: jax.Array, *,
-           sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int) -> DecodeState:  # fmt: skip
-    """Generates tokens until `state.step` reaches `limit` (<= N) or every row is done."""
-    model = nnx.merge(graphdef, params)
+def decode(config, dparams: dict, state: DecodeState, limit: jax.Array, *, sampler: Sampler,
+           eos_ids: tuple[int, ...], pad_id: int, pad_columns: bool) -> DecodeState:  # fmt: skip
+    """Generates tokens until `state.step` reaches `limit` (<= N) or every row is done.
+
+    config: the LlavaConfig; dparams: `decode_layout.decode_params`."""
+    cfg, cfg_dtype = config.text, jnp.dtype(config.dtype)
     prompt_length = state.kv_valid.shape[1] - state.tokens.shape[1]
 
     def cond(s: DecodeState):
@@ -122,13 +130,14 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, limit:
 
     def body(s: DecodeState) -> DecodeState:
         last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
+        x = decode_layout.embed_lookup(dparams, last).astype(cfg_dtype)  # [B, 1, D]
         positions = (s.prompt_tokens + s.step - 1)[:, None]
-        hidden, cache = model.decoder(model.decoder.embed_tokens(last), positions, s.kv_valid, s.cache,
-                                      prompt_length + s.step - 1)  # fmt: skip
-        logits = model.decoder.logits(hidden)[:, 0]
+        hidden, caches = decode_layout.forward(dparams, cfg, x, positions, s.kv_valid, s.caches,
+                                               prompt_length + s.step - 1, pad_columns=pad_columns)  # fmt: skip
+        logits = decode_layout.logits(dparams, hidden, pad_columns=pad_columns)
         token, done = _sample(sampler, logits, s.rng, s.step, s.done, eos_ids, pad_id)
         tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
-        return s._replace(cache=cache, tokens=tokens, step=s.step + 1, done=done)
+        return s._replace(caches=caches, tokens=tokens, step=s.step + 1, done=done)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -136,20 +145,41 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, limit:
 class Generator:
     """Host side of generation for one model: bucketing, the jitted prefill/decode, eos, stop strings.
 
-    graphdef, params: the split LlavaModel (params are read at each call, so the owner may replace
-    them). decode_text: ids -> str, needed only for stop strings.
+    graphdef, params_fn() -> state: the split LlavaModel (the state is read at each call, so the
+    owner may replace it); config: its LlavaConfig; decode_text: ids -> str, for stop strings only.
+    The decoder's weights are also kept in decode layout (`decode_layout`): a second copy.
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, params_fn: Callable[[], nnx.State], *, max_length: int,
-                 pad_id: int = 0, decode_text: Callable[[list[int]], str] | None = None):  # fmt: skip
+    def __init__(self, graphdef: nnx.GraphDef, params_fn: Callable[[], nnx.State], config, *, pad_id: int = 0,
+                 decode_text: Callable[[list[int]], str] | None = None):  # fmt: skip
         self.params_fn = params_fn
-        self.max_length = max_length
+        self.config = config
+        self.max_length = self.config.text.max_position_embeddings
         self.pad_id = pad_id
         self.decode_text = decode_text
+        dtype = jnp.dtype(self.config.dtype)
+        on_cpu = jax.default_backend() == "cpu"
+        # XLA:CPU runs one-column half-precision products on a slow path, and converts half-precision
+        # caches to float32 for attention at every step (see decode_layout). A float32 cache holds
+        # the same (bfloat16-valued) keys exactly.
+        self.pad_columns = on_cpu and dtype.itemsize == 2
+        self.cache_dtype = jnp.dtype(jnp.float32) if on_cpu else dtype
+        self._dparams = None
+        self._dparams_source = None
+        static = ("sampler", "eos_ids", "pad_id", "pad_columns")
         self._prefill = jax.jit(functools.partial(prefill, graphdef),
-                                static_argnames=("num_new", "sampler", "eos_ids", "pad_id"))  # fmt: skip
-        self._decode = jax.jit(functools.partial(decode, graphdef), donate_argnames=("state",),
-                               static_argnames=("sampler", "eos_ids", "pad_id"))  # fmt: skip
+                                static_argnames=("num_new", "cache_dtype") + static)  # fmt: skip
+        self._decode = jax.jit(functools.partial(decode, self.config), donate_argnames=("state",),
+                               static_argnames=static)  # fmt: skip
+
+    def decode_params(self) -> dict:
+        """The decoder's weights in decode layout, rebuilt when the model's state object changes."""
+        params = self.params_fn()
+        if self._dparams_source is not params:
+            self._dparams = None  # free the old copy first
+            self._dparams = decode_layout.decode_params(nnx.to_pure_dict(params["decoder"]), self.config.text)
+            self._dparams_source = params
+        return self._dparams
 
     def start(self, rows: list[np.ndarray], features: jax.Array | None, *, max_new_tokens: int, sampler: Sampler,
               seed: int, eos_ids: tuple[int, ...]) -> tuple[DecodeState, int]:  # fmt: skip
@@ -169,8 +199,9 @@ class Generator:
         input_ids, mask = left_pad(rows, t, self.pad_id)
         if features is not None:
             features = jnp.pad(features, ((0, bucket(features.shape[0]) - features.shape[0]), (0, 0)))
-        state = self._prefill(self.params_fn(), input_ids, mask, features, jax.random.key(seed), num_new=n,
-                              sampler=sampler, eos_ids=eos_ids, pad_id=self.pad_id)  # fmt: skip
+        state = self._prefill(self.params_fn(), self.decode_params(), input_ids, mask, features, jax.random.key(seed),
+                              num_new=n, sampler=sampler, eos_ids=eos_ids, pad_id=self.pad_id,
+                              pad_columns=self.pad_columns, cache_dtype=self.cache_dtype)  # fmt: skip
         return state, max_new_tokens
 
     def stream(self, rows: list[np.ndarray], features: jax.Array | None = None, *, max_new_tokens: int = 256,
@@ -210,8 +241,8 @@ class Generator:
             if any(f and not d for f, d in zip(finished, done)):  # stopped by a stop string
                 state = state._replace(done=jnp.asarray(np.array(finished) | done))
             limit = budget if chunk is None else min(budget, step + chunk)
-            state = self._decode(self.params_fn(), state, jnp.int32(limit), sampler=sampler, eos_ids=eos_ids,
-                                 pad_id=self.pad_id)  # fmt: skip
+            state = self._decode(self.decode_params(), state, jnp.int32(limit), sampler=sampler, eos_ids=eos_ids,
+                                 pad_id=self.pad_id, pad_columns=self.pad_columns)  # fmt: skip
 
     def generate(self, rows: list[np.ndarray], features: jax.Array | None = None, **kwargs) -> list[list[int]]:
         """Each row's new ids (see `stream`), computed with as few host round trips as possible."""

@@ -98,8 +98,8 @@ class Pipeline:
         pad_id = getattr(tokenizer, "pad_id", None)
         if pad_id is None or pad_id < 0 or pad_id == config.image_token_id:
             pad_id = 0 if config.image_token_id != 0 else 1  # padding is masked: any id but the image token
-        self._generator = Generator(self._graphdef, lambda: self._state, max_length=config.text.max_position_embeddings,
-                                    pad_id=pad_id, decode_text=tokenizer.decode if tokenizer is not None else None)  # fmt: skip
+        self._generator = Generator(self._graphdef, lambda: self._state, config, pad_id=pad_id,
+                                    decode_text=tokenizer.decode if tokenizer is not None else None)  # fmt: skip
 
     @property
     def model(self) -> LlavaModel:
