@@ -109,8 +109,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, dparams: dict, input_ids:
     caches = decode_layout.empty_caches(cfg, b, t + num_new, cache_dtype or jnp.dtype(model.cfg.dtype))
     hidden, caches = decode_layout.forward(dparams, cfg, model.embed(input_ids, features), positions, kv_valid,
                                            caches, 0, fresh=True, pad_columns=pad_columns)  # fmt: skip
-    last = hidden.reshape(-1, b, t)[:, :, -1]  # [D, B]
-    logits = decode_layout.logits(dparams, last, pad_columns=pad_columns)
+    logits = decode_layout.logits(dparams, hidden[:, -1], pad_columns=pad_columns)
     done = jnp.zeros((b,), bool)
     token, done = _sample(sampler, logits, rng, 0, done, eos_ids, pad_id)
     tokens = jnp.full((b, num_new), pad_id, jnp.int32).at[:, 0].set(token)
@@ -134,7 +133,7 @@ def decode(config, dparams: dict, state: DecodeState, limit: jax.Array, *, sampl
         positions = (s.prompt_tokens + s.step - 1)[:, None]
         hidden, caches = decode_layout.forward(dparams, cfg, x, positions, s.kv_valid, s.caches,
                                                prompt_length + s.step - 1, pad_columns=pad_columns)  # fmt: skip
-        logits = decode_layout.logits(dparams, hidden, pad_columns=pad_columns)
+        logits = decode_layout.logits(dparams, hidden[:, 0], pad_columns=pad_columns)
         token, done = _sample(sampler, logits, s.rng, s.step, s.done, eos_ids, pad_id)
         tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
         return s._replace(caches=caches, tokens=tokens, step=s.step + 1, done=done)

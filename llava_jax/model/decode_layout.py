@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import TextConfig
-from llava_jax.model.decoder import attention_mask
+from llava_jax.model.decoder import apply_rope, attention_mask, rope_tables
 from llava_jax.model.layers import activation
 
 
@@ -89,70 +89,65 @@ def embed_lookup(params: dict, ids: jax.Array) -> jax.Array:
     return rows
 
 
-def project(w: jax.Array, x: jax.Array, bias: jax.Array | None = None, *, pad_columns: bool = False) -> jax.Array:
-    """w: [F, D] @ x: [D, N] -> [F, N] in x's dtype, accumulated in float32."""
-    n = x.shape[1]
+def product(w: jax.Array, x: jax.Array, *, pad_columns: bool = False) -> jax.Array:
+    """x: [N, D] @ w.T (w: [F, D]) -> [N, F] float32.
+
+    Few rows (decoding) run as W @ X^T, the orientation in which XLA:CPU streams the weights
+    fastest; the barrier keeps XLA from folding the transposes back into X @ W^T, which it runs at
+    half the speed for 2-8 rows (10x slower for the LM head), and from upcasting half-precision
+    weights. Many rows (prefill) run as X @ W^T, the faster orientation for large products.
+    """
+    n = x.shape[0]
+    x = x.astype(w.dtype)
+    if n > DECODE_ROWS:
+        return jnp.einsum("nd,fd->nf", x, w, preferred_element_type=jnp.float32)
     if pad_columns and n == 1:
-        x = jnp.concatenate([x, x], axis=1)
-    y = jnp.dot(w, x.astype(w.dtype), preferred_element_type=jnp.float32)[:, :n].astype(x.dtype)
-    return y if bias is None else y + bias.astype(y.dtype)[:, None]
+        x = jnp.concatenate([x, x])
+    y = jnp.einsum("fd,nd->fn", w, x, preferred_element_type=jnp.float32)  # not x.T: XLA would upcast w
+    return jax.lax.optimization_barrier(y)[:, :n].T
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """HF's LLaMA RMSNorm over the feature axis of x: [D, N] (float32 statistics, cast, then scaled)."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=0, keepdims=True) + eps)
-    return scale.astype(x.dtype)[:, None] * y.astype(x.dtype)
+def project(w: jax.Array, x: jax.Array, bias: jax.Array | None = None, *, pad_columns: bool = False) -> jax.Array:
+    """A linear layer: x: [N, D] -> [N, F] in x's dtype (w: [F, D], bias: [F])."""
+    y = product(w, x, pad_columns=pad_columns).astype(x.dtype)
+    return y if bias is None else y + bias.astype(y.dtype)
 
 
-def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on x: [heads, hd, B, T] with cos, sin: [hd, B, T]."""
-    half = x.shape[1] // 2
-    rotated = jnp.concatenate([-x[:, half:], x[:, :half]], axis=1)
-    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
-
-
-def rope_tables(positions: jax.Array, cfg: TextConfig) -> tuple[jax.Array, jax.Array]:
-    """cos, sin: [hd, B, T] for positions [B, T] (float32), as `decoder.rope_tables`."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)) / cfg.rope_scaling_factor
-    freqs = inv_freq[:, None, None] * positions.astype(jnp.float32)[None]
-    angles = jnp.concatenate([freqs, freqs], axis=0)
-    return jnp.cos(angles), jnp.sin(angles)
+DECODE_ROWS = 64  # up to this many rows a projection runs as W @ X^T (see `project`)
 
 
 def attention(p: dict, h: jax.Array, cos, sin, mask, cache: LayerCache, cache_index, cfg: TextConfig, *,
               fresh: bool, pad_columns: bool) -> tuple[jax.Array, LayerCache]:  # fmt: skip
-    """h: [D, B*T] -> ([D, B*T], updated cache). The T new keys/values go to slots
+    """h: [B, T, D] -> ([B, T, D], updated cache). The T new keys/values go to slots
     [cache_index, cache_index + T); `fresh` (an empty cache) attends to the new ones only."""
-    b, t = cos.shape[1:]
+    b, t, d = h.shape
     nh, nk, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = project(p["qkv"], h, p.get("qkv_bias"), pad_columns=pad_columns)
-    q = rope(qkv[: nh * hd].reshape(nh, hd, b, t), cos, sin)
-    k = rope(qkv[nh * hd : (nh + nk) * hd].reshape(nk, hd, b, t), cos, sin)
-    v = qkv[(nh + nk) * hd :].reshape(nk, hd, b, t)
-    # Caches are [B*K, S, hd]: one batch axis, so that XLA reads them in place for any B.
-    k_new = k.transpose(2, 0, 3, 1).reshape(b * nk, t, hd).astype(cache.k.dtype)
-    v_new = v.transpose(2, 0, 3, 1).reshape(b * nk, t, hd).astype(cache.v.dtype)
+    g = nh // nk
+    qkv = project(p["qkv"], h.reshape(b * t, d), p.get("qkv_bias"), pad_columns=pad_columns).reshape(b, t, -1)
+    q = apply_rope(qkv[..., : nh * hd].reshape(b, t, nh, hd), cos, sin)
+    k = apply_rope(qkv[..., nh * hd : (nh + nk) * hd].reshape(b, t, nk, hd), cos, sin)
+    v = qkv[..., (nh + nk) * hd :].reshape(b, t, nk, hd)
+    # Caches are [B*K, S, hd]: a single batch axis, which XLA reads in place for any B.
+    k_new = k.transpose(0, 2, 1, 3).reshape(b * nk, t, hd).astype(cache.k.dtype)
+    v_new = v.transpose(0, 2, 1, 3).reshape(b * nk, t, hd).astype(cache.v.dtype)
     at = (0, cache_index, 0)
     cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k_new, at), jax.lax.dynamic_update_slice(cache.v, v_new, at))
     keys, values = (k_new, v_new) if fresh else (cache.k, cache.v)
-    g = nh // nk
-    q = q.reshape(nk, g, hd, b, t).transpose(3, 0, 1, 4, 2).reshape(b * nk, g * t, hd)
+    q = q.reshape(b, t, nk, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * nk, g * t, hd)
     scores = jnp.einsum("nqd,nsd->nqs", q.astype(keys.dtype), keys, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, nk, g, t, -1)
     scores = jnp.where(mask[:, None, None], scores * hd**-0.5, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype).reshape(b * nk, g * t, -1)  # rounded as the model
     out = jnp.einsum("nqs,nsd->nqd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
-    out = out.astype(h.dtype).reshape(b, nk, g, t, hd).transpose(1, 2, 4, 0, 3).reshape(nh * hd, b * t)
-    return project(p["o"], out, p.get("o_bias"), pad_columns=pad_columns), cache
+    out = out.astype(h.dtype).reshape(b, nk, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b * t, nh * hd)
+    return project(p["o"], out, p.get("o_bias"), pad_columns=pad_columns).reshape(b, t, d), cache
 
 
 def mlp(p: dict, h: jax.Array, cfg: TextConfig, *, pad_columns: bool) -> jax.Array:
-    """SwiGLU on h: [D, N] -> [D, N]."""
+    """SwiGLU on h: [N, D] -> [N, D]."""
     gate_up = project(p["gate_up"], h, p.get("gate_up_bias"), pad_columns=pad_columns)
     f = cfg.intermediate_size
-    return project(p["down"], activation(cfg.hidden_act)(gate_up[:f]) * gate_up[f:], p.get("down_bias"),
+    return project(p["down"], activation(cfg.hidden_act)(gate_up[:, :f]) * gate_up[:, f:], p.get("down_bias"),
                    pad_columns=pad_columns)  # fmt: skip
 
 
@@ -162,30 +157,32 @@ def forward(params: dict, cfg: TextConfig, x: jax.Array, positions: jax.Array, k
     """The decoder layers and final norm on embeddings x: [B, T, D].
 
     positions: [B, T] (RoPE); kv_valid: [B, S] over cache slots; the T tokens go to slots
-    [cache_index, cache_index + T). Returns (final-normed hidden [D, B*T] feature-major, caches).
+    [cache_index, cache_index + T). Returns (final-normed hidden [B, T, D], caches).
     """
     b, t, d = x.shape
     s = caches[0].k.shape[1]
     q_slots = cache_index + jnp.arange(t)
     k_slots = jnp.arange(t) if fresh else jnp.arange(s)
     mask = attention_mask(q_slots, k_slots, kv_valid[:, :t] if fresh else kv_valid, cfg.sliding_window)
-    cos, sin = rope_tables(positions, cfg)
-    x = x.reshape(b * t, d).T
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
     new_caches = []
     for p, cache in zip(params["layers"], caches):
         h, cache = attention(p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), cos, sin, mask, cache, cache_index,
                              cfg, fresh=fresh, pad_columns=pad_columns)  # fmt: skip
         x = x + h
-        x = x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, pad_columns=pad_columns)
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).reshape(b * t, d)
+        x = x + mlp(p, h, cfg, pad_columns=pad_columns).reshape(b, t, d)
         new_caches.append(cache)
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), tuple(new_caches)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF's LLaMA RMSNorm over the last axis (float32 statistics, cast back, then scaled)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
 def logits(params: dict, hidden: jax.Array, *, pad_columns: bool = False) -> jax.Array:
-    """hidden: [D, N] -> logits [N, V] in float32."""
-    n = hidden.shape[1]
-    h = jnp.concatenate([hidden, hidden], axis=1) if pad_columns and n == 1 else hidden
-    out = jnp.dot(params["head"], h.astype(params["head"].dtype), preferred_element_type=jnp.float32)
-    # The barrier keeps XLA from folding the transpose into the product (turning it into X^T @ W^T,
-    # which XLA:CPU runs ~10x slower for a few columns).
-    return jax.lax.optimization_barrier(out)[:, :n].T
+    """hidden: [N, D] -> logits [N, V] in float32."""
+    return product(params["head"], hidden, pad_columns=pad_columns)
