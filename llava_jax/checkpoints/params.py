@@ -25,6 +25,8 @@ Array = np.ndarray
 
 
 class TensorSource(Protocol):
+    """Tensors by key. A source that renames keys may add `file_key(key) -> str` for messages."""
+
     def keys(self) -> list[str]: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
     def read(self, key: str) -> np.ndarray: ...
@@ -78,7 +80,8 @@ def check_coverage(rules: Iterable[Rule], state: nnx.State, source: TensorSource
     present = set(source.keys())
     skip = [re.compile(p) for p in ignore]
     missing = sorted(expected - present)
-    unexpected = sorted(k for k in present - expected if not any(p.fullmatch(k) for p in skip))
+    file_key = getattr(source, "file_key", lambda k: k)
+    unexpected = sorted(file_key(k) for k in present - expected if not any(p.fullmatch(k) for p in skip))
     problems = []
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
@@ -96,8 +99,9 @@ def check_coverage(rules: Iterable[Rule], state: nnx.State, source: TensorSource
 def _read_one(source: TensorSource, key: str, rule: Rule, shape: tuple[int, ...], dtype) -> Array:
     array = rule.to_model(source.read(key))
     if tuple(array.shape) != tuple(shape):
+        name = getattr(source, "file_key", lambda k: k)(key)
         raise CheckpointError(
-            f"tensor {key} has shape {tuple(source.shape(key))}, which gives {tuple(array.shape)} for parameter "
+            f"tensor {name} has shape {tuple(source.shape(key))}, which gives {tuple(array.shape)} for parameter "
             f"{rule.path}; the model config expects {tuple(shape)}"
         )
     return np.asarray(array, dtype=dtype)
