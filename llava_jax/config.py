@@ -91,8 +91,10 @@ class LlavaConfig:
 
     `vision_feature_layer` counts hidden states as HF does: 0 is the embeddings (after the
     pre-layernorm), i is the output of layer i, -1 the last; a tuple concatenates several.
-    `image_grid_pinpoints` are (height, width) pairs as llava-hf stores them; None means LLaVA 1.0/1.5
-    (one fixed-size tile per image).
+    `image_grid_pinpoints` are the pairs as the checkpoint's config lists them: (height, width) under
+    semantics "hf"; the original LLaVA code reads the same numbers as (width, height), so under
+    semantics "original" they are kept as its config.json has them (see llava_jax.model.anyres).
+    None means LLaVA 1.0/1.5 (one fixed-size tile per image).
     """
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
