@@ -116,3 +116,30 @@ class SafetensorsCheckpoint:
     def close(self):
         for f in self.files.values():
             f.close()
+
+
+def write_safetensors(path: str, tensors, metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` ({key: (shape, dtype, produce)} where produce() -> np.ndarray) to `path`.
+
+    Arrays are produced and written one at a time, so a file larger than memory can be written.
+    The file appears under its name only once complete.
+    """
+    names = {np.dtype(v): k for k, v in DTYPES.items()}
+    header, offset = {}, 0
+    for key, (shape, dtype, _) in tensors.items():
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": names[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned
+    partial = path + ".partial"
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for key, (shape, dtype, produce) in tensors.items():
+            array = np.ascontiguousarray(produce(), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {key}: produced shape {array.shape}, declared {tuple(shape)}")
+            f.write(array.tobytes())
+    os.replace(partial, path)
