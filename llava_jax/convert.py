@@ -13,7 +13,7 @@ import os
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from llava_jax.checkpoints import orbax
@@ -39,6 +39,7 @@ def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True) 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     if not _SRC.value or not _OUT.value:
         raise app.UsageError("--src and --out are required")
     print(json.dumps(convert(_SRC.value, _OUT.value, _DTYPE.value)))

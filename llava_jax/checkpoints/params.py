@@ -143,10 +143,15 @@ def _key(part: str):
 
 
 def place(value: Array, sharding) -> jax.Array:
-    """Host array -> device array, laid out by `sharding`; each process supplies only its own shards."""
+    """Host array -> device array, laid out by `sharding`; each process supplies only its own shards.
+
+    Blocks until the copy is done, so that the host array can be freed before the next is read.
+    """
     if sharding is None:
-        return jax.device_put(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        array = jax.device_put(value)
+    else:
+        array = jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return array.block_until_ready()
 
 
 def write_params(rules: Iterable[Rule], state: nnx.State, dtype=None) -> Iterable[tuple[str, Array]]:
