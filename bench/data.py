@@ -3,10 +3,11 @@
 Both build the same batches from the same 640x480 JPEGs (written here with Pillow) and the same
 LLaVA instruction records: decode, preprocess (336px CLIP, pad-to-square as LLaVA-1.5; or anyres
 tiling), tokenize, mask labels, pad and stack. Prints samples/s for each and their ratio, one JSON
-line per mode at the end.
+line per mode at the end. The two alternate over a few rounds (the median is reported), so load
+from other processes hits both alike; the pipeline is timed once every worker has started.
 
     python bench/data.py                      # both modes, 2 workers
-    python bench/data.py --mode clip --images 256 --workers 2
+    python bench/data.py --mode clip --images 256 --workers 2 --rounds 5
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 
@@ -70,27 +72,26 @@ def anyres_token_count(size_hw: tuple[int, int]) -> int:
     return 576 + rows * cols * 576 // 2
 
 
-def measure(dataset: LlavaDataset, epochs: int) -> dict[str, float]:
-    """Pipeline samples/s in steady state (after the first batch, which pays for worker start-up)."""
+def measure_pipeline(dataset: LlavaDataset) -> tuple[float, float]:
+    """(samples/s in steady state, start-up seconds): timing starts once every worker has delivered a batch."""
+    warm = max(dataset.config.num_workers, 1)
     start = time.perf_counter()
     iterator = iter(dataset)
-    next(iterator)
-    first = time.perf_counter()
-    batches = 1
-    for _ in iterator:
-        batches += 1
-    end = time.perf_counter()
+    for _ in range(warm):
+        next(iterator)
+    warmed = time.perf_counter()
+    batches = sum(1 for _ in iterator)
+    elapsed = time.perf_counter() - warmed
     iterator.close()
-    rows = dataset.config.batch_size
-    assert batches == dataset.batches_per_epoch * epochs, (batches, dataset.batches_per_epoch)
-    return {"samples_per_s": (batches - 1) * rows / (end - first), "startup_s": first - start, "total_s": end - start}
+    assert batches + warm == dataset.batches_per_epoch * dataset.config.num_epochs
+    return batches * dataset.config.batch_size / elapsed, warmed - start
 
 
-def measure_loop(dataset: LlavaDataset, epochs: int) -> float:
-    """The same batches built one after another in this process: samples/s."""
-    maker, source = dataset._maker, dataset._source  # the pipeline's own work, without grain or workers
+def measure_loop(dataset: LlavaDataset) -> float:
+    """The same batches built one after another in this process, without grain: samples/s."""
+    maker, source = dataset._maker, dataset._source  # the pipeline's own per-batch work
+    steps = dataset.batches_per_epoch * dataset.config.num_epochs
     start = time.perf_counter()
-    steps = dataset.batches_per_epoch * epochs
     for step in range(steps):
         maker(source[step])
     return steps * dataset.config.batch_size / (time.perf_counter() - start)
@@ -108,7 +109,7 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         image_folder=folder,
         batch_size=args.batch_size,
         max_length=4096 if anyres else 2048,
-        num_epochs=args.epochs,
+        num_epochs=1,
         num_workers=args.workers,
         worker_buffer_size=2,
     )
@@ -116,8 +117,14 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         config, tokenizer=tokenizer, model_config=model_config, process_index=0, process_count=1,
         num_image_tokens=anyres_token_count if anyres else None,
     )  # fmt: skip
-    loop = measure_loop(dataset, args.epochs)
-    pipeline = measure(dataset, args.epochs)
+    # Alternate the two in rounds, so that load from other processes on the machine hits both alike.
+    loops, pipelines, startups = [], [], []
+    for _ in range(args.rounds):
+        loops.append(measure_loop(dataset))
+        rate, startup = measure_pipeline(dataset)
+        pipelines.append(rate)
+        startups.append(startup)
+    ratios = [p / l for p, l in zip(pipelines, loops)]
     result = {
         "bench": "data",
         "mode": mode,
@@ -125,14 +132,18 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "cpus": os.cpu_count(),
-        "loop_samples_per_s": round(loop, 1),
-        "pipeline_samples_per_s": round(pipeline["samples_per_s"], 1),
-        "pipeline_startup_s": round(pipeline["startup_s"], 2),
-        "ratio": round(pipeline["samples_per_s"] / loop, 2),
+        "rounds": args.rounds,
+        "loop_samples_per_s": round(statistics.median(loops), 1),
+        "pipeline_samples_per_s": round(statistics.median(pipelines), 1),
+        "pipeline_startup_s": round(statistics.median(startups), 2),
+        "ratio": round(statistics.median(ratios), 2),
+        "ratio_per_round": [round(r, 2) for r in ratios],
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     print(
-        f"{mode:6s} loop {loop:7.1f} samples/s | pipeline {pipeline['samples_per_s']:7.1f} samples/s "
-        f"({args.workers} workers, start-up {pipeline['startup_s']:.1f} s) | ratio {result['ratio']:.2f}x"
+        f"{mode:6s} loop {result['loop_samples_per_s']:7.1f} samples/s | pipeline {result['pipeline_samples_per_s']:7.1f} "
+        f"samples/s ({args.workers} workers, start-up {result['pipeline_startup_s']:.1f} s) | "
+        f"ratio {result['ratio']:.2f}x (rounds: {result['ratio_per_round']})"
     )
     return result
 
@@ -141,7 +152,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("clip", "anyres", "both"), default="both")
     parser.add_argument("--images", type=int, default=192, help="640x480 JPEGs to write and read")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating loop/pipeline measurements")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()

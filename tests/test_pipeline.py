@@ -276,3 +276,19 @@ def test_config_errors():
         DataConfig(data_path="x.json", on_bad_record="ignore")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_records(["/nonexistent/data.json"])
+
+
+def test_state_plugs_into_grains_checkpoint_handler(tmp_path, dataset_dir, tokenizer, model_config):
+    import grain
+    from etils import epath
+
+    dataset = _dataset(dataset_dir, tokenizer, model_config)
+    handler = grain.checkpoint.CheckpointHandler()  # what orbax calls for a grain iterator
+    iterator = iter(dataset)
+    for _ in range(3):
+        next(iterator)
+    handler.save(epath.Path(tmp_path), item=iterator)
+    expected = [b["example_index"].tolist() for b in iterator]
+    restored = handler.restore(epath.Path(tmp_path), item=iter(dataset))
+    assert [b["example_index"].tolist() for b in restored] == expected
+    assert restored.stats["batches"] == 2 * dataset.batches_per_epoch
