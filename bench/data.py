@@ -59,7 +59,9 @@ def write_records(path: str, names: list[str], seed: int = 0) -> None:
         for t in range(rng.randint(1, 3)):
             question = rng.choice(QUESTIONS)
             turns.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + question})
-            turns.append({"from": "gpt", "value": " ".join(rng.choice(tiny_tokenizer.WORDS) for _ in range(rng.randint(5, 40)))})
+            turns.append(
+                {"from": "gpt", "value": " ".join(rng.choice(tiny_tokenizer.WORDS) for _ in range(rng.randint(5, 40)))}
+            )
         records.append({"id": i, "image": name, "conversations": turns})
     with open(path, "w") as f:
         json.dump(records, f)
@@ -124,7 +126,7 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         rate, startup = measure_pipeline(dataset)
         pipelines.append(rate)
         startups.append(startup)
-    ratios = [p / l for p, l in zip(pipelines, loops)]
+    ratios = [pipe / loop for pipe, loop in zip(pipelines, loops, strict=True)]
     result = {
         "bench": "data",
         "mode": mode,
@@ -141,8 +143,9 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
     print(
-        f"{mode:6s} loop {result['loop_samples_per_s']:7.1f} samples/s | pipeline {result['pipeline_samples_per_s']:7.1f} "
-        f"samples/s ({args.workers} workers, start-up {result['pipeline_startup_s']:.1f} s) | "
+        f"{mode:6s} loop {result['loop_samples_per_s']:7.1f} samples/s | "
+        f"pipeline {result['pipeline_samples_per_s']:7.1f} samples/s "
+        f"({args.workers} workers, start-up {result['pipeline_startup_s']:.1f} s) | "
         f"ratio {result['ratio']:.2f}x (rounds: {result['ratio_per_round']})"
     )
     return result

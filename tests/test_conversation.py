@@ -58,7 +58,9 @@ def test_plain_renders_user_turns_and_refuses_assistant_turns_like_the_original(
     for content in ("<image>\nWhat is this?", "<image>", "Describe <image> briefly."):
         messages = [{"role": "user", "content": content}]
         for add_generation_prompt in (True, False):
-            assert render(name, messages, add_generation_prompt) == original_prompt(name, messages, add_generation_prompt)
+            assert render(name, messages, add_generation_prompt) == original_prompt(
+                name, messages, add_generation_prompt
+            )
     captioned = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A red circle."}]
     with pytest.raises(TypeError):  # the original's sep2 is None
         original_prompt(name, captioned, False)

@@ -42,6 +42,7 @@ CAPTION = {
     ],
 }
 
+
 # The end-of-turn text each original preprocess function supervises after a reply, from its template.
 def _end_marker(name):
     conv = conv_templates[name]
@@ -113,7 +114,7 @@ def test_plain_supervises_the_caption_after_the_image(tokenizer, reference_token
     original = tokenizer_image_token(prompt, reference_tokenizer, image_token_index=-200)
     expanded = [t for i in original for t in ([image_id] * NUM_IMAGE_TOKENS if i == -200 else [i])]
     assert example["input_ids"].tolist() == expanded
-    assert example["input_ids"][:1 + NUM_IMAGE_TOKENS].tolist() == [tokenizer.bos_id] + [image_id] * NUM_IMAGE_TOKENS
+    assert example["input_ids"][: 1 + NUM_IMAGE_TOKENS].tolist() == [tokenizer.bos_id] + [image_id] * NUM_IMAGE_TOKENS
 
 
 def test_single_image_placeholder_moves_to_the_front_of_its_turn(tokenizer):
@@ -172,7 +173,11 @@ def test_truncation_keeps_the_head(tokenizer):
         ({"id": 2, "conversations": [{"from": "gpt", "value": "only me"}]}, [], "empty_conversation"),
         ({"id": 3}, [], "malformed"),
         ({"id": 4, "conversations": [{"from": "human", "value": "hi"}]}, [], "no_reply"),
-        ({"id": 5, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}, [], "empty_reply"),
+        (
+            {"id": 5, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]},
+            [],
+            "empty_reply",
+        ),
         ({"id": 6, "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}, [], "roles"),
         ({"id": 7, "conversations": [{"from": "bot", "value": "a"}]}, [], "roles"),
         ({"id": 8, "conversations": TEXT_ONLY["conversations"][:2], "image": "x.jpg"}, [(4, 4)], "image_count"),

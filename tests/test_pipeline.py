@@ -43,13 +43,23 @@ def dataset_dir(tmp_path_factory):
     for i in range(30):
         kind = i % 5
         if kind in (0, 1, 2):  # one image, sizes vary
-            records.append({"id": f"r{i}", "image": image(i, (20 + i, 16 + i % 4)),
-                            "conversations": _turns("<image>\nWhat colour?", f"Red number {i}.", rounds=1 + i % 3)})
+            records.append(
+                {
+                    "id": f"r{i}",
+                    "image": image(i, (20 + i, 16 + i % 4)),
+                    "conversations": _turns("<image>\nWhat colour?", f"Red number {i}.", rounds=1 + i % 3),
+                }
+            )
         elif kind == 3:  # text only
             records.append({"id": f"r{i}", "conversations": _turns("Say something.", "Something " * (1 + i % 4))})
         else:  # two images
-            records.append({"id": f"r{i}", "image": [image(i), image(100 + i)],
-                            "conversations": _turns("Compare <image> and <image>.", "They differ.")})
+            records.append(
+                {
+                    "id": f"r{i}",
+                    "image": [image(i), image(100 + i)],
+                    "conversations": _turns("Compare <image> and <image>.", "They differ."),
+                }
+            )
     # Bad records, each a different way to fail.
     (root / "images" / "garbage.jpg").write_bytes(b"this is not an image")
     full = io.BytesIO()
@@ -193,7 +203,9 @@ def test_resume_yields_exactly_the_remaining_batches(dataset_dir, tokenizer, mod
 
 
 def test_hosts_read_disjoint_slices_with_equal_batch_counts(dataset_dir, tokenizer, model_config):
-    hosts = [_dataset(dataset_dir, tokenizer, model_config, num_epochs=1, process_index=p, process_count=2) for p in (0, 1)]
+    hosts = [
+        _dataset(dataset_dir, tokenizer, model_config, num_epochs=1, process_index=p, process_count=2) for p in (0, 1)
+    ]
     assert hosts[0].batches_per_epoch == hosts[1].batches_per_epoch
     seen = [np.concatenate([b["example_index"] for b in host]).tolist() for host in hosts]
     seen = [[i for i in indices if i >= 0] for indices in seen]
@@ -203,7 +215,10 @@ def test_hosts_read_disjoint_slices_with_equal_batch_counts(dataset_dir, tokeniz
 
 def test_seeded_order(dataset_dir, tokenizer, model_config):
     def order(**overrides):
-        return [b["example_index"].tolist() for b in _dataset(dataset_dir, tokenizer, model_config, num_epochs=1, **overrides)]
+        return [
+            b["example_index"].tolist()
+            for b in _dataset(dataset_dir, tokenizer, model_config, num_epochs=1, **overrides)
+        ]
 
     assert order(seed=3) == order(seed=3)
     assert order(seed=3) != order(seed=4)

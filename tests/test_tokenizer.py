@@ -68,7 +68,9 @@ def test_tokenizer_model_directories_match_transformers(make_tokenizer_dir, name
 def test_llava_hf_directory_has_the_declared_ids(tokenizer_dir, tokenizer):
     with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
         declared = {entry["content"]: int(i) for i, entry in json.load(f)["added_tokens_decoder"].items()}
-    size = sentencepiece.SentencePieceProcessor(model_file=os.path.join(tokenizer_dir, "tokenizer.model")).get_piece_size()
+    size = sentencepiece.SentencePieceProcessor(
+        model_file=os.path.join(tokenizer_dir, "tokenizer.model")
+    ).get_piece_size()
     assert declared["<image>"] == size and declared["<pad>"] == size + 1
     for content, token_id in declared.items():
         assert tokenizer.token_to_id(content) == token_id
@@ -133,7 +135,9 @@ def test_merges_rebuild_every_piece(tokenizer_dir):
     processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(tokenizer_dir, "tokenizer.model"))
     vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
     produced = {left + right for left, right in bpe_merges(vocab)}
-    multi_char = {p for p in vocab if len(p) > 1 and not processor.is_byte(vocab[p]) and not processor.is_control(vocab[p])}
+    multi_char = {
+        p for p in vocab if len(p) > 1 and not processor.is_byte(vocab[p]) and not processor.is_control(vocab[p])
+    }
     multi_char -= {"<unk>", "<|im_start|>", "<|im_end|>"}
     assert multi_char <= produced
 

@@ -36,6 +36,9 @@ _LLAMA_2_SYSTEM = (
     "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
     "something not correct. If you don't know the answer to a question, please don't share false information."
 )
+_MPT_SYSTEM = (
+    "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
+)
 _LLAVA_LLAMA_2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
     "provides, and assist the user with a variety of tasks using natural language."
@@ -72,8 +75,8 @@ TEMPLATES: dict[str, Template] = {
         system_format="<|im_start|>system\n{}",
     ),
     "mpt": Template(
-        "mpt", "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers.",
-        ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>", system_format="<|im_start|>system\n{}",
+        "mpt", _MPT_SYSTEM, ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>",
+        system_format="<|im_start|>system\n{}",
     ),
     "plain": Template("plain", "", ("", ""), "\n"),
 }  # fmt: skip

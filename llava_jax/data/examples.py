@@ -155,7 +155,9 @@ class ExampleBuilder:
         record_id = record.get("id")
         num_images = len(record_images(record))
         if len(image_sizes) != num_images:
-            raise ValueError(f"record {record_id!r} has {num_images} images but {len(image_sizes)} image sizes were given")
+            raise ValueError(
+                f"record {record_id!r} has {num_images} images but {len(image_sizes)} image sizes were given"
+            )
         spans = record_spans(record, self.template, num_images)
         text = "".join(span.text for span in spans)
         chunks = text.split(IMAGE_PLACEHOLDER)

@@ -11,20 +11,9 @@ image, empty conversation, too long, ...) is left out and counted in `it.stats` 
 `on_bad_record="raise"`), so a long run neither dies on one bad record nor drops a good one. Every
 good record is seen exactly once per epoch.
 
-Batch layout (B = batch_size, T = the smallest length bucket that fits the batch's longest example,
-M = B * max_images_per_example image slots, pixel shape [C, S, S], or [P, C, S, S] for anyres with P
-the most tiles an image can have):
-  input_ids       int32 [B, T]   right-padded with the tokenizer's pad id
-  labels          int32 [B, T]   IGNORE_INDEX (-100) except supervised tokens
-  attention_mask  int32 [B, T]   1 on real tokens
-  pixel_values    float32 [M, C, S, S] | [M, P, C, S, S]   the batch's images in reading order
-                                 (row 0's images, then row 1's, ...), zeros in unused slots/tiles
-  image_mask      int32 [M]      1 for slots holding an image
-  image_sizes     int32 [M, 2]   (height, width) of each original image, 0 for empty slots
-  example_index   int32 [B]      the record's position in the data files, -1 for an empty row
-The k-th real image's features belong to the k-th run of image_token_id in input_ids, row-major,
-which is how LlavaModel splices them. Rows left empty by bad records (and the short last batch of
-an epoch) are all padding: attention_mask 0, labels -100.
+Batches are laid out as `batching.py` describes: input_ids, labels, attention_mask [B, T];
+pixel_values [M, ...] with image_mask [M] and image_sizes [M, 2] (M = batch_size *
+max_images_per_example, the batch's images in reading order); example_index [B].
 
 With several hosts, each host picks T from its own rows; hosts must agree before building a global
 array: take the maximum over processes and `pad_to_length` (buckets keep the number of shapes small).
@@ -34,11 +23,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -48,8 +35,12 @@ from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 from llava_jax.data import sampling
-from llava_jax.data.examples import IGNORE_INDEX, BadRecord, ExampleBuilder, FixedImageTokens, record_images
+from llava_jax.data.batching import BatchMaker, pad_to_length
+from llava_jax.data.examples import ExampleBuilder, FixedImageTokens
+from llava_jax.data.records import RecordStore, load_records
 from llava_jax.data.tokenizer import Tokenizer
+
+__all__ = ["DataConfig", "ImageStep", "LlavaDataset", "BatchIterator", "load_records", "pad_to_length"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +84,9 @@ class DataConfig:
             raise ValueError("batch_size and max_images_per_example must be positive")
         buckets = self.buckets
         if buckets != tuple(sorted(set(buckets))) or buckets[-1] != self.max_length or buckets[0] < 1:
-            raise ValueError(f"length_buckets {buckets} must be increasing, positive and end at max_length {self.max_length}")
+            raise ValueError(
+                f"length_buckets {buckets} must be increasing, positive and end at max_length {self.max_length}"
+            )
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -106,42 +99,7 @@ class DataConfig:
         return tuple(sorted({max(self.max_length // d, 1) for d in (8, 4, 2, 1)}))
 
 
-# -- records -------------------------------------------------------------------------------------
-
-
-def load_records(paths: Sequence[str]) -> list[Any]:
-    """Records of LLaVA JSON (one list) and JSONL (one record a line) files, concatenated."""
-    records: list[Any] = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                records += [json.loads(line) for line in f if line.strip()]
-                continue
-            data = json.load(f)
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records (or use .jsonl), got {type(data).__name__}")
-        records += data
-    return records
-
-
-class RecordStore:
-    """Records kept as one bytes blob of JSON, cheap to hold and to pickle into worker processes."""
-
-    def __init__(self, records: Sequence[Any]):
-        encoded = [json.dumps(r, ensure_ascii=False).encode() for r in records]
-        self._offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
-        self._blob = b"".join(encoded)
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, index: int) -> Any:
-        return json.loads(self._blob[self._offsets[index] : self._offsets[index + 1]])
-
-
-# -- the image step ------------------------------------------------------------------------------
+# -- the image step: the one place images are read -------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +119,7 @@ class ImageStep:
     std: tuple[float, float, float] = CLIP_STD
 
     @classmethod
-    def from_config(cls, config) -> "ImageStep":
+    def from_config(cls, config) -> ImageStep:
         return cls(
             size=config.vision.image_size,
             pad_to_square=config.image_aspect_ratio == "pad",
@@ -209,7 +167,9 @@ class ImageStep:
 
         height, width = max(self.grid_pinpoints, key=score)
         scale = min(width / image.width, height / image.height)
-        resized = image.resize((max(int(image.width * scale), 1), max(int(image.height * scale), 1)), Image.Resampling.BICUBIC)
+        resized = image.resize(
+            (max(int(image.width * scale), 1), max(int(image.height * scale), 1)), Image.Resampling.BICUBIC
+        )
         canvas = Image.new("RGB", (width, height), (0, 0, 0))
         canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
         tiles = [
@@ -218,107 +178,6 @@ class ImageStep:
             for x in range(0, width, self.size)
         ]
         return [image.resize((self.size, self.size), Image.Resampling.BICUBIC), *tiles]
-
-
-def load_pixels(image_step: Callable, path: str, record_id: Any) -> tuple[np.ndarray, tuple[int, int]]:
-    """`image_step(path)`, with unreadable files turned into BadRecord."""
-    try:
-        return image_step(path)
-    except FileNotFoundError:
-        raise BadRecord("missing_image", f"image {path!r} does not exist", record_id) from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "broken file"
-        raise BadRecord("corrupt_image", f"image {path!r} cannot be read: {e}", record_id) from None
-
-
-# -- batches -------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-    """A record left out of a batch."""
-
-    index: int
-    record_id: Any
-    reason: str
-    message: str
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchMaker:
-    """(step, record indices) -> (batch dict as documented in this module, [Skipped]). Runs in workers."""
-
-    records: RecordStore
-    builder: ExampleBuilder
-    image_step: Callable[[str], tuple[np.ndarray, tuple[int, int]]]
-    pixel_shape: tuple[int, ...]
-    image_folder: str
-    batch_size: int
-    max_images_per_example: int
-    buckets: tuple[int, ...]
-    pad_id: int
-    raise_bad_records: bool
-
-    def __call__(self, element: tuple[int, np.ndarray]) -> tuple[dict[str, np.ndarray], list[Skipped]]:
-        _, indices = element
-        rows, skipped = [], []
-        for index in indices.tolist():
-            record = self.records[index]
-            try:
-                rows.append((index, *self._example(record)))
-            except BadRecord as bad:
-                if self.raise_bad_records:
-                    raise
-                skipped.append(Skipped(index, bad.record_id, bad.reason, str(bad)))
-        return self._collate(rows), skipped
-
-    def _example(self, record: Any) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
-        if not isinstance(record, dict):
-            raise BadRecord("malformed", f"a record must be a JSON object, got {type(record).__name__}")
-        record_id = record.get("id")
-        paths = record_images(record)
-        if len(paths) > self.max_images_per_example:
-            raise BadRecord(
-                "too_many_images", f"{len(paths)} images > max_images_per_example {self.max_images_per_example}", record_id
-            )
-        loaded = [load_pixels(self.image_step, os.path.join(self.image_folder, p), record_id) for p in paths]
-        sizes = [size for _, size in loaded]
-        return self.builder(record, sizes), [pixels for pixels, _ in loaded], sizes
-
-    def _collate(self, rows) -> dict[str, np.ndarray]:
-        longest = max((len(example["input_ids"]) for _, example, _, _ in rows), default=0)
-        length = next(b for b in self.buckets if b >= longest)
-        slots = self.batch_size * self.max_images_per_example
-        batch = {
-            "input_ids": np.full((self.batch_size, length), self.pad_id, np.int32),
-            "labels": np.full((self.batch_size, length), IGNORE_INDEX, np.int32),
-            "attention_mask": np.zeros((self.batch_size, length), np.int32),
-            "pixel_values": np.zeros((slots, *self.pixel_shape), np.float32),
-            "image_mask": np.zeros((slots,), np.int32),
-            "image_sizes": np.zeros((slots, 2), np.int32),
-            "example_index": np.full((self.batch_size,), -1, np.int32),
-        }
-        slot = 0
-        for row, (index, example, pixels, sizes) in enumerate(rows):
-            n = len(example["input_ids"])
-            batch["input_ids"][row, :n] = example["input_ids"]
-            batch["labels"][row, :n] = example["labels"]
-            batch["attention_mask"][row, :n] = 1
-            batch["example_index"][row] = index
-            for image, size in zip(pixels, sizes):
-                batch["pixel_values"][slot][tuple(slice(0, d) for d in image.shape)] = image
-                batch["image_mask"][slot] = 1
-                batch["image_sizes"][slot] = size
-                slot += 1
-        return batch
-
-
-def pad_to_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """The batch with its [B, T] arrays right-padded to `length` (to agree on T across hosts)."""
-    extra = length - batch["input_ids"].shape[1]
-    if extra < 0:
-        raise ValueError(f"cannot pad a batch of length {batch['input_ids'].shape[1]} to a shorter {length}")
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
-    return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill[k]) if k in fill else v for k, v in batch.items()}
 
 
 # -- the dataset ---------------------------------------------------------------------------------
@@ -445,7 +304,12 @@ class LlavaDataset:
             np.asarray([sampling.modality_length(r) for r in records], np.int64), config, process_index, process_count
         )
         builder = ExampleBuilder(
-            tokenizer, config.template, model_config.image_token_id, num_image_tokens, config.max_length, config.overlong
+            tokenizer,
+            config.template,
+            model_config.image_token_id,
+            num_image_tokens,
+            config.max_length,
+            config.overlong,
         )
         self._maker = BatchMaker(
             records=RecordStore(records),

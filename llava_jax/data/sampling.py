@@ -63,7 +63,9 @@ def length_grouped_order(lengths: np.ndarray, megabatch: int, num_chunks: int, r
     return np.asarray(order, dtype=np.int64)
 
 
-def modality_grouped_order(signed_lengths: np.ndarray, megabatch: int, num_chunks: int, rng: np.random.Generator) -> np.ndarray:
+def modality_grouped_order(
+    signed_lengths: np.ndarray, megabatch: int, num_chunks: int, rng: np.random.Generator
+) -> np.ndarray:
     """Record indices ordered as the original's modality + length grouped sampler."""
     signed_lengths = np.asarray(signed_lengths)
     lengths = np.abs(signed_lengths)

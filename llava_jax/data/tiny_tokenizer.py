@@ -41,9 +41,7 @@ def corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_sentencepiece(
-    texts: Iterable[str], vocab_size: int = 512, user_defined_symbols: Sequence[str] = ()
-) -> bytes:
+def train_sentencepiece(texts: Iterable[str], vocab_size: int = 512, user_defined_symbols: Sequence[str] = ()) -> bytes:
     """A serialized sentencepiece BPE model with LLaMA's normalizer and trainer settings."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -70,7 +68,14 @@ def train_sentencepiece(
 
 
 def _entry(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def write_llava_hf_tokenizer(

@@ -101,7 +101,9 @@ class Tokenizer:
         if not add_bos:
             return ()
         if self.bos_id is None:
-            raise ValueError("add_bos=True but this tokenizer declares no BOS token (bos_token in tokenizer_config.json)")
+            raise ValueError(
+                "add_bos=True but this tokenizer declares no BOS token (bos_token in tokenizer_config.json)"
+            )
         return (self.bos_id,)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -186,7 +188,9 @@ def _llama_backend(files: _TokenizerFiles, config: dict) -> tuple[tokenizers.Tok
     if files.has_json:
         model = files.read_json("tokenizer.json")["model"]
         if model.get("type") != "BPE":
-            raise NotImplementedError(f"{files.directory}/tokenizer.json: model type {model.get('type')!r}, expected BPE")
+            raise NotImplementedError(
+                f"{files.directory}/tokenizer.json: model type {model.get('type')!r}, expected BPE"
+            )
         vocab = model["vocab"]
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     else:
@@ -248,7 +252,9 @@ def _as_added_token(value: Any, *, special: bool | None = None) -> tokenizers.Ad
         special = True if special is None else special
         return tokenizers.AddedToken(value, special=special, normalized=not special)
     fields = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
-    return tokenizers.AddedToken(value["content"], special=value.get("special", False) if special is None else special, **fields)
+    return tokenizers.AddedToken(
+        value["content"], special=value.get("special", False) if special is None else special, **fields
+    )
 
 
 def _content(value: Any) -> str | None:
@@ -271,12 +277,16 @@ def _declared_tokens(
         special_values.update({k: v for k, v in special_map.items() if k in _SPECIAL_KEYS})
         names = {_content(v) for v in special_values.values() if v is not None}
         for content, index in (files.read_json("added_tokens.json") or {}).items():
-            added[int(index)] = tokenizers.AddedToken(content, special=content in names, normalized=content not in names)
+            added[int(index)] = tokenizers.AddedToken(
+                content, special=content in names, normalized=content not in names
+            )
         if files.has_json:
             for entry in files.read_json("tokenizer.json").get("added_tokens", []):
                 added[int(entry["id"])] = _as_added_token(entry)
     special_tokens = {k: _content(special_values.get(k)) for k in _SPECIAL_KEYS}
-    named = [_as_added_token(special_values[k], special=True) for k in _SPECIAL_KEYS if special_values.get(k) is not None]
+    named = [
+        _as_added_token(special_values[k], special=True) for k in _SPECIAL_KEYS if special_values.get(k) is not None
+    ]
     extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
     extras = [_as_added_token(t, special=True) for t in extra] if isinstance(extra, list) else []
     ordered: list[tuple[int | None, tokenizers.AddedToken]] = [(i, added[i]) for i in sorted(added)]
