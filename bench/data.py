@@ -4,7 +4,9 @@ Both build the same batches from the same 640x480 JPEGs (written here with Pillo
 LLaVA instruction records: decode, preprocess (336px CLIP, pad-to-square as LLaVA-1.5; or anyres
 tiling), tokenize, mask labels, pad and stack. Prints samples/s for each and their ratio, one JSON
 line per mode at the end. The two alternate over a few rounds (the median is reported), so load
-from other processes hits both alike; the pipeline is timed once every worker has started.
+from other processes hits both alike; the pipeline is timed once every worker has started. The
+CPU each side got is printed too: on a machine shared with other work the ratio cannot exceed
+what the scheduler grants (Linux autogroup shares CPU per session, not per process).
 
     python bench/data.py                      # both modes, 2 workers
     python bench/data.py --mode clip --images 256 --workers 2 --rounds 5
@@ -21,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+import psutil
 from PIL import Image, ImageDraw
 
 from llava_jax.config import LlavaConfig
@@ -74,29 +77,57 @@ def anyres_token_count(size_hw: tuple[int, int]) -> int:
     return 576 + rows * cols * 576 // 2
 
 
-def measure_pipeline(dataset: LlavaDataset) -> tuple[float, float]:
-    """(samples/s in steady state, start-up seconds): timing starts once every worker has delivered a batch."""
+class _CpuMeter:
+    """CPU seconds of this process and its workers; each is sampled while alive (workers exit at the end)."""
+
+    def __init__(self):
+        self._processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        self._last = {p.pid: 0.0 for p in self._processes}
+        self._first = self.sample()
+
+    def sample(self) -> float:
+        for process in self._processes:
+            try:
+                times = process.cpu_times()
+                self._last[process.pid] = times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return sum(self._last.values())
+
+    def spent(self) -> float:
+        return self.sample() - self._first
+
+
+def measure_pipeline(dataset: LlavaDataset) -> dict[str, float]:
+    """Steady-state samples/s (timed once every worker has delivered a batch), start-up seconds, and
+    the CPU the pipeline's processes got meanwhile (cores, and milliseconds per sample)."""
     warm = max(dataset.config.num_workers, 1)
     start = time.perf_counter()
     iterator = iter(dataset)
     for _ in range(warm):
         next(iterator)
-    warmed = time.perf_counter()
-    batches = sum(1 for _ in iterator)
-    elapsed = time.perf_counter() - warmed
+    meter, warmed = _CpuMeter(), time.perf_counter()
+    batches = 0
+    for _ in iterator:
+        batches += 1
+        meter.sample()
+    cpu, elapsed = meter.spent(), time.perf_counter() - warmed
     iterator.close()
     assert batches + warm == dataset.batches_per_epoch * dataset.config.num_epochs
-    return batches * dataset.config.batch_size / elapsed, warmed - start
+    samples = batches * dataset.config.batch_size
+    return {"rate": samples / elapsed, "startup": warmed - start, "cores": cpu / elapsed, "cpu_ms": 1e3 * cpu / samples}
 
 
-def measure_loop(dataset: LlavaDataset) -> float:
-    """The same batches built one after another in this process, without grain: samples/s."""
+def measure_loop(dataset: LlavaDataset) -> dict[str, float]:
+    """The same batches built one after another in this process, without grain."""
     maker, source = dataset._maker, dataset._source  # the pipeline's own per-batch work
     steps = dataset.batches_per_epoch * dataset.config.num_epochs
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     for step in range(steps):
         maker(source[step])
-    return steps * dataset.config.batch_size / (time.perf_counter() - start)
+    cpu, elapsed = time.process_time() - cpu, time.perf_counter() - start
+    samples = steps * dataset.config.batch_size
+    return {"rate": samples / elapsed, "cores": cpu / elapsed, "cpu_ms": 1e3 * cpu / samples}
 
 
 def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
@@ -120,13 +151,15 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         num_image_tokens=anyres_token_count if anyres else None,
     )  # fmt: skip
     # Alternate the two in rounds, so that load from other processes on the machine hits both alike.
-    loops, pipelines, startups = [], [], []
+    loops, pipelines = [], []
     for _ in range(args.rounds):
         loops.append(measure_loop(dataset))
-        rate, startup = measure_pipeline(dataset)
-        pipelines.append(rate)
-        startups.append(startup)
-    ratios = [pipe / loop for pipe, loop in zip(pipelines, loops, strict=True)]
+        pipelines.append(measure_pipeline(dataset))
+    ratios = [pipe["rate"] / loop["rate"] for pipe, loop in zip(pipelines, loops, strict=True)]
+
+    def median(runs, key, digits=1):
+        return round(statistics.median(run[key] for run in runs), digits)
+
     result = {
         "bench": "data",
         "mode": mode,
@@ -135,18 +168,24 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         "workers": args.workers,
         "cpus": os.cpu_count(),
         "rounds": args.rounds,
-        "loop_samples_per_s": round(statistics.median(loops), 1),
-        "pipeline_samples_per_s": round(statistics.median(pipelines), 1),
-        "pipeline_startup_s": round(statistics.median(startups), 2),
+        "loop_samples_per_s": median(loops, "rate"),
+        "pipeline_samples_per_s": median(pipelines, "rate"),
         "ratio": round(statistics.median(ratios), 2),
         "ratio_per_round": [round(r, 2) for r in ratios],
+        "pipeline_startup_s": median(pipelines, "startup", 2),
+        # CPU each side actually got (other processes on a shared machine take the rest) and spent.
+        "loop_cores": median(loops, "cores", 2),
+        "pipeline_cores": median(pipelines, "cores", 2),
+        "loop_cpu_ms_per_sample": median(loops, "cpu_ms", 2),
+        "pipeline_cpu_ms_per_sample": median(pipelines, "cpu_ms", 2),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
     print(
         f"{mode:6s} loop {result['loop_samples_per_s']:7.1f} samples/s | "
         f"pipeline {result['pipeline_samples_per_s']:7.1f} samples/s "
         f"({args.workers} workers, start-up {result['pipeline_startup_s']:.1f} s) | "
-        f"ratio {result['ratio']:.2f}x (rounds: {result['ratio_per_round']})"
+        f"ratio {result['ratio']:.2f}x (rounds: {result['ratio_per_round']}) | "
+        f"cores used: loop {result['loop_cores']:.2f}, pipeline {result['pipeline_cores']:.2f}"
     )
     return result
 
