@@ -65,6 +65,29 @@ def test_tokenizer_model_directories_match_transformers(make_tokenizer_dir, name
     assert ours.adds_bos == options.get("add_bos_token", True)
 
 
+def test_original_llava_directory_matches_transformers(tmp_path, tokenizer_dir):
+    # As liuhaotian/llava-v1.5-7b ships it: transformers-4.30-era config with "__type" token dicts,
+    # no added_tokens_decoder, pad null in the config and "<unk>" in special_tokens_map.json.
+    shutil.copy(os.path.join(tokenizer_dir, "tokenizer.model"), tmp_path / "tokenizer.model")
+
+    def token(content):
+        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False}  # fmt: skip
+
+    config = {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": token("<s>"), "eos_token": token("</s>"),
+        "unk_token": token("<unk>"), "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
+        "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+    }  # fmt: skip
+    special_map = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special_map))
+    ours, reference = _assert_same_as_transformers(str(tmp_path))
+    assert ours.pad_id == reference.pad_token_id == 0
+    with pytest.raises(KeyError):
+        ours.token_to_id("<image>")  # original checkpoints have no <image> token; the model config decides
+
+
 def test_llava_hf_directory_has_the_declared_ids(tokenizer_dir, tokenizer):
     with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
         declared = {entry["content"]: int(i) for i, entry in json.load(f)["added_tokens_decoder"].items()}
