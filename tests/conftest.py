@@ -1,3 +1,5 @@
+"""Test-wide settings and shared fixtures (tiny LLaMA-style tokenizers written as llava-hf directories)."""
+
 import os
 
 # Several CPU devices for the sharding tests; must be set before jax is imported.
@@ -5,6 +7,34 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from llava_jax.data import tiny_tokenizer  # noqa: E402
+
 torch.set_num_threads(1)
+    made = {}
+
+    def make(name: str = "llava-hf", **kwargs) -> str:
+        if name not in made:
+            directory = str(tmp_path_factory.mktemp(name))
+            tiny_tokenizer.write_llava_hf_tokenizer(
+                directory, sp_model_proto, added_tokens=kwargs.pop("added_tokens", ADDED_TOKENS), **kwargs
+            )
+            made[name] = directory
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(make_tokenizer_dir) -> str:
+    """A llava-1.5-hf style directory (legacy: false), tokenizer.model without tokenizer.json."""
+    return make_tokenizer_dir("llava-hf")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from llava_jax.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
