@@ -18,6 +18,7 @@ from llava_jax.checkpoints import hf, orbax
 from llava_jax.checkpoints.params import read_params
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.config import LlavaConfig
+from llava_jax.model import anyres_merge
 from llava_jax.model.llava import LlavaModel, check_image_tokens
 
 
@@ -107,9 +108,9 @@ class Pipeline:
         graphdef = self._graphdef
 
         @jax.jit
-        def forward(state, input_ids, pixel_values, attention_mask, image_sizes):
+        def forward(state, input_ids, pixel_values, attention_mask, feature_index):
             model = nnx.merge(graphdef, state)
-            return model(input_ids, pixel_values, attention_mask, image_sizes)
+            return model(input_ids, pixel_values, attention_mask, feature_index=feature_index)
 
         return forward
 
@@ -126,14 +127,17 @@ class Pipeline:
         n_features = 0 if pixel_values is None else model.num_image_features(np.shape(pixel_values), image_sizes)
         check_image_tokens(input_ids, self.config.image_token_id, n_features)
         pixel_values = None if pixel_values is None else np.asarray(pixel_values, np.float32)
+        feature_index = None
+        if pixel_values is not None and self.config.is_anyres:  # the token layout, on the host
+            feature_index = anyres_merge.padded_feature_index(self.config, image_sizes, pixel_values.shape[1])
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask, np.int32).reshape(input_ids.shape)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             out = self._forward(
                 self._state,
                 self._device_input(input_ids.astype(np.int32), ("batch", None)),
-                self._device_input(pixel_values, ("batch", None, None, None)),
+                self._device_input(pixel_values, ("batch",) + (None,) * (np.ndim(pixel_values) - 1)),
                 self._device_input(attention_mask, ("batch", None)),
-                None if image_sizes is None else jnp.asarray(image_sizes),
+                None if feature_index is None else jnp.asarray(feature_index),
             )
         return np.asarray(jax.device_get(out), np.float32)
