@@ -19,6 +19,7 @@ from llava_jax.checkpoints.params import read_params
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
+from llava_jax.data.prepare import prepare_inputs
 from llava_jax.model import anyres_merge
 from llava_jax.model.llava import LlavaModel, check_image_tokens
 
@@ -154,6 +155,13 @@ class Pipeline:
             return model(input_ids, pixel_values, attention_mask, feature_index=feature_index)
 
         return forward
+
+    def prepare(self, text: str, images=()) -> dict:
+        """{"input_ids", "attention_mask", "pixel_values", "image_sizes"} for one prompt, as HF's
+        LlavaProcessor / LlavaNextProcessor give them: each `<image>` expanded to the image's token count
+        (see llava_jax.data.prepare). `pipe.logits(**pipe.prepare(text, images))` runs it."""
+        return prepare_inputs(text, images, tokenizer=self.tokenizer, image_processor=self.image_processor,
+                              config=self.config)  # fmt: skip
 
     def logits(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> np.ndarray:
         """Logits of whole sequences, as HF's `model(**inputs).logits`.
