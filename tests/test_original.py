@@ -22,6 +22,7 @@ import llava_jax
 from llava import mm_utils
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava_jax.checkpoints import torch_bin
+from llava_jax.config import VisionConfig
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.convert import convert
 from llava_jax.model import anyres
@@ -247,6 +248,15 @@ def edited(directory, tmp_path, **changes):
     return str(d)
 
 
+def test_original_image_marker_in_input_ids_is_explained(original_dir):
+    from llava_jax.model.llava import ImageTokenMismatch
+
+    pipe = llava_jax.load(original_dir[0], dtype="float32")
+    pixels = pipe.image_processor([image(SIZES["wide"])])["pixel_values"]
+    with pytest.raises(ImageTokenMismatch, match=r"original LLaVA's image marker -200.*image_token_id \(96\).*pipe.prepare"):
+        pipe.logits(np.array([[1, 5, -200, 7]]), pixels)
+
+
 def test_unknown_projector_type(original_dir, tmp_path):
     with pytest.raises(ValueError, match="mm_projector_type 'mlp2x_relu' is not supported"):
         llava_jax.load(edited(original_dir[0], tmp_path, mm_projector_type="mlp2x_relu"))
@@ -317,3 +327,58 @@ def test_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match="reading PyTorch .bin weights needs torch"):
         torch_bin.TorchBinCheckpoint(str(tmp_path))
+
+
+# -- published configs ----------------------------------------------------------------------------------
+
+CLIP_L14_336 = {  # openai/clip-vit-large-patch14-336 config.json (a CLIPModel), the parts that matter
+    "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 768,
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12},
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
+}  # fmt: skip
+LLAMA_7B = {"hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008, "max_position_embeddings": 4096,
+            "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05,
+            "rope_scaling": None, "tie_word_embeddings": False, "vocab_size": 32000}  # fmt: skip
+MM = {"mm_hidden_size": 1024, "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False,
+      "mm_use_im_start_end": False, "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+      "mm_vision_tower": "openai/clip-vit-large-patch14-336", "use_mm_proj": True}  # fmt: skip
+NEXT = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "unfreeze_mm_vision_tower": True,
+        "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        "tokenizer_model_max_length": 4096}  # fmt: skip
+PUBLISHED = {  # config.json of haotian-liu's releases (their text and mm_* keys)
+    "llava-v1.5-7b": {**LLAMA_7B, **MM, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+                      "image_aspect_ratio": "pad", "image_grid_pinpoints": None},
+    "llava-v1.6-mistral-7b": {**LLAMA_7B, **MM, **NEXT, "architectures": ["LlavaMistralForCausalLM"],
+                              "model_type": "llava_mistral", "intermediate_size": 14336, "num_key_value_heads": 8,
+                              "max_position_embeddings": 32768, "rope_theta": 1000000.0, "sliding_window": None},
+    "llava-v1.6-34b": {**LLAMA_7B, **MM, **NEXT, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+                       "hidden_size": 7168, "intermediate_size": 20480, "num_attention_heads": 56,
+                       "num_hidden_layers": 60, "num_key_value_heads": 8, "rope_theta": 5000000.0, "vocab_size": 64000},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_original_configs(name):
+    from llava_jax.checkpoints.original import config_from_original, original_rules
+
+    cfg = config_from_original(PUBLISHED[name], CLIP_L14_336)
+    # the image token id llava-hf gave the converted release
+    assert cfg.image_token_id == {"llava-v1.5-7b": 32000, "llava-v1.6-mistral-7b": 32000, "llava-v1.6-34b": 64000}[name]
+    assert cfg.vision == VisionConfig() and cfg.tokens_per_tile == 576 and cfg.semantics == "original"
+    if name == "llava-v1.5-7b":
+        assert (cfg.image_aspect_ratio, cfg.patch_merge_type, cfg.image_grid_pinpoints) == ("pad", "flat", None)
+    else:
+        assert (cfg.image_aspect_ratio, cfg.patch_merge_type, cfg.model_max_length) == ("anyres", "spatial_unpad", 4096)
+        assert cfg.image_grid_pinpoints[0] == (336, 672)  # kept as written; the original reads (width, height)
+        # a 640 x 480 (height x width) photo: the original picks 672 wide x 672 high ...
+        assert anyres.grid_shape((640, 480), cfg.image_grid_pinpoints, 336, "original") == (2, 2)
+    text = cfg.text
+    if "mistral" in name:
+        assert (text.rope_theta, text.num_kv_heads, text.sliding_window) == (1e6, 8, None)
+    if "34b" in name:
+        assert (text.vocab_size, text.rope_theta, text.num_heads, text.num_kv_heads, text.head_dim) == (64000, 5e6, 56, 8, 128)
+    keys = {k for r in original_rules(cfg) for k in r.keys(2)}
+    assert {"model.mm_projector.0.weight", "model.mm_projector.2.bias", "lm_head.weight",
+            "model.vision_tower.vision_tower.vision_model.encoder.layers.1.self_attn.out_proj.weight"} <= keys  # fmt: skip
+    assert ("model.image_newline" in keys) == (name != "llava-v1.5-7b")

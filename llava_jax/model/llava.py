@@ -24,8 +24,17 @@ class ImageTokenMismatch(ValueError):
     """The number of image tokens in input_ids differs from the number of image features."""
 
 
+ORIGINAL_IMAGE_TOKEN_INDEX = -200  # what the original LLaVA's tokenizer_image_token puts once per image
+
+
 def check_image_tokens(input_ids, image_token_id: int, num_features: int) -> None:
     """Raises ImageTokenMismatch unless input_ids holds exactly `num_features` image tokens."""
+    if np.any(np.asarray(input_ids) == ORIGINAL_IMAGE_TOKEN_INDEX):
+        raise ImageTokenMismatch(
+            f"input_ids hold the original LLaVA's image marker {ORIGINAL_IMAGE_TOKEN_INDEX}; here every image "
+            f"position is marked by image_token_id ({image_token_id}), repeated once per image feature: build "
+            "the inputs with pipe.prepare(text, images)"
+        )
     n_tokens = int(np.sum(np.asarray(input_ids) == image_token_id))
     if n_tokens != num_features:
         raise ImageTokenMismatch(
