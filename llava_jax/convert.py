@@ -28,7 +28,8 @@ _OUT = flags.DEFINE_string("out", None, "Output directory; must not hold a model
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
 
 
-def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True, vision_tower: str | None = None) -> dict:
+def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
+            vision_tower: str | None = None) -> dict:  # fmt: skip
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("--out must differ from --src")

@@ -178,7 +178,8 @@ class Pipeline:
         pixel_values = None if pixel_values is None else np.asarray(pixel_values, np.float32)
         feature_index = None
         if pixel_values is not None and self.config.is_anyres:  # the token layout, on the host
-            feature_index = anyres_merge.padded_feature_index(self.config, image_sizes, pixel_values.shape[1])
+            n, p = pixel_values.shape[:2]
+            feature_index = anyres_merge.padded_feature_index(self.config, image_sizes, p, num_images=n)
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask, np.int32).reshape(input_ids.shape)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():

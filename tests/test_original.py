@@ -79,9 +79,9 @@ def compare_with_original(pipe, ref, rows_of_images, seed=0):
     ours = pipe.logits(ids, ours_in["pixel_values"], ours_in["image_sizes"], attention_mask=mask)
     original_rows = [np.asarray(collapse_image_tokens(r, pipe.config.image_token_id)[0]) for r in rows]
     original_ids, original_mask = right_pad(original_rows)
-    cfg = ref.config
-    pixels = original_pixels(flat_images, ref.tower.vision_tower_name, image_aspect_ratio=getattr(cfg, "image_aspect_ratio", None),
-                             image_grid_pinpoints=getattr(cfg, "image_grid_pinpoints", None))  # fmt: skip
+    pixels = original_pixels(flat_images, ref.tower.vision_tower_name,
+                             image_aspect_ratio=getattr(ref.config, "image_aspect_ratio", None),
+                             image_grid_pinpoints=getattr(ref.config, "image_grid_pinpoints", None))  # fmt: skip
     sizes_wh = [im.size for im in flat_images]
     theirs, their_mask = ref.logits(original_ids, pixels, sizes_wh, attention_mask=original_mask)
     valid = mask.astype(bool)

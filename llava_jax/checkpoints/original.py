@@ -77,7 +77,9 @@ def find_vision_tower(directory: str, cfg: dict[str, Any], vision_tower: str | N
         return vision_tower
     name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
     if not name:
-        raise CheckpointError(f"{directory}/config.json names no mm_vision_tower; pass vision_tower=PATH (a CLIP directory)")
+        raise CheckpointError(
+            f"{directory}/config.json names no mm_vision_tower; pass vision_tower=PATH (a CLIP directory)"
+        )
     path = name if os.path.isabs(name) else os.path.join(directory, name)
     if os.path.isdir(path):
         return path
@@ -132,7 +134,9 @@ def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **ove
         raise ValueError("config.json lacks mm_vision_select_layer (the CLIP hidden state LLaVA reads, e.g. -2)")
     feature = cfg.get("mm_vision_select_feature", "patch")
     if feature not in SELECT_FEATURE:
-        raise ValueError(f"mm_vision_select_feature {feature!r} is not supported; expected one of {list(SELECT_FEATURE)}")
+        raise ValueError(
+            f"mm_vision_select_feature {feature!r} is not supported; expected one of {list(SELECT_FEATURE)}"
+        )
     aspect = cfg.get("image_aspect_ratio") or "square"  # the original: anything else is plain CLIP preprocessing
     if aspect not in ASPECT_RATIOS:
         raise NotImplementedError(f"image_aspect_ratio {aspect!r} is not supported; expected one of {ASPECT_RATIOS}")
@@ -149,7 +153,9 @@ def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **ove
         # One tile per image: the original's features are then flat whatever mm_patch_merge_type says.
         merge, pinpoints = "flat", None
     if merge != "flat" and feature != "patch":
-        raise ValueError(f"mm_patch_merge_type {merge!r} needs mm_vision_select_feature 'patch' (the original asserts it)")
+        raise ValueError(
+            f"mm_patch_merge_type {merge!r} needs mm_vision_select_feature 'patch' (the original asserts it)"
+        )
     layer = cfg["mm_vision_select_layer"]
     kwargs: dict[str, Any] = dict(
         vision=vision,

@@ -32,8 +32,8 @@ from llava_jax.model import anyres
 MERGE_TYPES = ("spatial_unpad", "spatial", "flat")
 
 
-def check_image_sizes(config, image_sizes, num_images: int, tiles_per_image: int) -> list[tuple[int, int]]:
-    """image_sizes as a list of (height, width), checked against pixel_values [N, P, ...]."""
+def check_image_sizes(config, image_sizes, num_images: int | None, tiles_per_image: int) -> list[tuple[int, int]]:
+    """image_sizes as (height, width) pairs, checked against pixel_values [N, P, ...] (N: None skips it)."""
     if image_sizes is None:
         raise ValueError("LLaVA-NeXT (anyres) models need image_sizes [N, 2] (height, width) with pixel_values")
     if isinstance(image_sizes, jax.core.Tracer):
@@ -42,7 +42,7 @@ def check_image_sizes(config, image_sizes, num_images: int, tiles_per_image: int
             "feature_index=anyres_merge.padded_feature_index(config, image_sizes, P) (an int32 array) instead"
         )
     sizes = [tuple(int(v) for v in row) for row in np.asarray(image_sizes).reshape(-1, 2)]
-    if len(sizes) != num_images:
+    if num_images is not None and len(sizes) != num_images:
         raise ValueError(f"image_sizes lists {len(sizes)} images but pixel_values holds {num_images}")
     for i, size in enumerate(sizes):
         needed = anyres.num_tiles(size, config.image_grid_pinpoints, config.vision.image_size, config.semantics)
@@ -75,14 +75,15 @@ def _one_image(config, size_hw: tuple[int, int], first_row: int, newline_row: in
     return np.concatenate([first_row + np.arange(f), grid.reshape(-1)])
 
 
-def feature_index(config, image_sizes, tiles_per_image: int) -> np.ndarray:
+def feature_index(config, image_sizes, tiles_per_image: int, num_images: int | None = None) -> np.ndarray:
     """int32 [M]: the table row of each image token of the batch, M = the batch's image-token count.
 
-    image_sizes: [N, 2] (height, width) host values; tiles_per_image: P of pixel_values [N, P, ...].
+    image_sizes: [N, 2] (height, width) host values; tiles_per_image, num_images: P and N of
+    pixel_values [N, P, ...].
     """
     if config.patch_merge_type not in MERGE_TYPES:
         raise ValueError(f"patch_merge_type must be one of {MERGE_TYPES}, got {config.patch_merge_type!r}")
-    sizes = check_image_sizes(config, image_sizes, len(np.asarray(image_sizes).reshape(-1, 2)), tiles_per_image)
+    sizes = check_image_sizes(config, image_sizes, num_images, tiles_per_image)
     f = config.tokens_per_tile
     newline_row = len(sizes) * tiles_per_image * f
     parts = [_one_image(config, size, i * tiles_per_image * f, newline_row) for i, size in enumerate(sizes)]
@@ -100,10 +101,10 @@ def max_image_features(config, num_images: int, tiles_per_image: int) -> int:
     return num_images * per_image
 
 
-def padded_feature_index(config, image_sizes, tiles_per_image: int) -> np.ndarray:
+def padded_feature_index(config, image_sizes, tiles_per_image: int, num_images: int | None = None) -> np.ndarray:
     """`feature_index` padded with -1 to `max_image_features` entries: one compiled shape per (N, P)."""
-    index = feature_index(config, image_sizes, tiles_per_image)
-    n = len(np.asarray(image_sizes).reshape(-1, 2))
+    index = feature_index(config, image_sizes, tiles_per_image, num_images)
+    n = len(check_image_sizes(config, image_sizes, num_images, tiles_per_image))
     out = np.full(max_image_features(config, n, tiles_per_image), -1, np.int32)
     out[: len(index)] = index
     return out

@@ -104,7 +104,7 @@ class LlavaModel(nnx.Module):
             )
         n, p = pixel_values.shape[:2]
         if feature_index is None:
-            feature_index = anyres_merge.feature_index(self.cfg, image_sizes, p)
+            feature_index = anyres_merge.feature_index(self.cfg, image_sizes, p, num_images=n)
         tiles = self.tile_features(pixel_values.reshape(n * p, *pixel_values.shape[2:]))
         tiles = tiles.reshape(n, p, *tiles.shape[1:])
         newline = None if self.image_newline is None else self.image_newline[...]
