@@ -26,11 +26,34 @@ def llava_hf_config(text: dict | None = None, vision: dict | None = None, text_m
 
 
 def build_llava(config: transformers.PretrainedConfig, seed: int = 0, scale: float = 0.3):
-    """A float32 model in eval mode with random weights large enough to make logits differ."""
+    """A float32 model in eval mode with random weights large enough to make logits differ.
+
+    A LlavaNextConfig gives a LlavaNextForConditionalGeneration."""
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config).eval()
+    cls = (transformers.LlavaNextForConditionalGeneration if isinstance(config, transformers.LlavaNextConfig)
+           else transformers.LlavaForConditionalGeneration)  # fmt: skip
+    model = cls(config).eval()
     _randomise(model, seed, scale)
     return model
+
+
+# LLaVA-NeXT at the tiny scale: 28 px tiles (4 x 4 patches of 7 px), pinpoints listed as (height, width).
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def llava_next_hf_config(text: dict | None = None, vision: dict | None = None, text_model: str = "llama",
+                         **kwargs) -> transformers.LlavaNextConfig:  # fmt: skip
+    base = llava_hf_config(text, vision, text_model)
+    kwargs = {"image_token_index": IMAGE_TOKEN, "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+              "image_grid_pinpoints": PINPOINTS, **kwargs}  # fmt: skip
+    return transformers.LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config, **kwargs)
+
+
+def next_image_processor(pinpoints=PINPOINTS, tile: int = 28) -> transformers.LlavaNextImageProcessor:
+    return transformers.LlavaNextImageProcessor(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+    )  # fmt: skip
 
 
 def _randomise(model: torch.nn.Module, seed: int, scale: float):

@@ -97,7 +97,7 @@ def hf_rules(cfg: LlavaConfig) -> list[Rule]:
     rules = vision_rules("model.vision_tower.")
     rules += decoder_rules(cfg, "model.language_model.", "lm_head.weight")
     rules += projector_rules(cfg, "model.multi_modal_projector.")
-    if cfg.is_anyres and cfg.patch_merge_type == "spatial_unpad":
+    if cfg.has_image_newline:
         rules.append(Rule("image_newline", "model.image_newline"))
     return rules
 

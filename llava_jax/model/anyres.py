@@ -166,19 +166,20 @@ def num_image_tokens(config, image_size: tuple[int, int] | None = None) -> int:
     - not anyres: `config.tokens_per_tile`, whatever the size;
     - anyres, 'spatial_unpad': the base tile's features, then the unpadded feature grid of the other
       tiles with one `image_newline` at the end of each row: grid**2 + h * (w + 1);
-    - anyres, 'flat' (original code only): every tile's features, the base first.
+    - anyres, 'flat' (original code only): every tile's features, the base first;
+    - anyres, 'spatial' (original code only): the same count, the tiles laid out as one grid.
     """
     if not uses_anyres(config):
         return config.tokens_per_tile
     if image_size is None:
         raise ValueError("anyres configs need the image size (height, width) to count image tokens")
-    if config.patch_merge_type == "flat":
-        tiles = num_tiles(image_size, config.image_grid_pinpoints, config.vision.image_size, config.semantics)
-        return tiles * config.tokens_per_tile
-    if config.vision_feature_select_strategy != "default":
+    if config.patch_merge_type != "flat" and config.vision_feature_select_strategy != "default":
         raise ValueError(
-            "patch_merge_type='spatial_unpad' needs vision_feature_select_strategy='default': neither "
+            f"patch_merge_type={config.patch_merge_type!r} needs vision_feature_select_strategy='default': neither "
             "transformers nor the original LLaVA can lay out tiles that keep the CLS feature"
         )
+    if config.patch_merge_type in ("flat", "spatial"):
+        tiles = num_tiles(image_size, config.image_grid_pinpoints, config.vision.image_size, config.semantics)
+        return tiles * config.tokens_per_tile
     h, w = unpadded_shape(image_size, anyres_feature_grid(config, image_size), config.semantics)
     return config.vision.grid_size**2 + h * (w + 1)
