@@ -13,6 +13,22 @@ import torch  # noqa: E402
 from llava_jax.data import tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Added tokens as llava-hf releases declare them (`<image>`, `<pad>` after the vocabulary), plus the
+# ChatML markers that chatml_direct needs, as sentencepiece user-defined pieces (Yi's tokenizer has them).
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+ADDED_TOKENS = ("<image>", "<pad>", *CHATML_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def sp_model_proto() -> bytes:
+    lines = tiny_tokenizer.corpus(num_lines=400, seed=0)
+    return tiny_tokenizer.train_sentencepiece(lines, vocab_size=512, user_defined_symbols=CHATML_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer_dir(tmp_path_factory, sp_model_proto):
+    """make_tokenizer_dir(name, **write_llava_hf_tokenizer kwargs) -> directory (cached per name)."""
     made = {}
 
     def make(name: str = "llava-hf", **kwargs) -> str:
