@@ -16,6 +16,7 @@ setup(
         "ml-dtypes>=0.5",
         "pillow>=10",
         "sentencepiece>=0.2",
+        "protobuf>=4",  # reads sentencepiece tokenizer.model files
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "absl-py>=2",

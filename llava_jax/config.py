@@ -91,8 +91,10 @@ class LlavaConfig:
 
     `vision_feature_layer` counts hidden states as HF does: 0 is the embeddings (after the
     pre-layernorm), i is the output of layer i, -1 the last; a tuple concatenates several.
-    `image_grid_pinpoints` are (height, width) pairs as llava-hf stores them; None means LLaVA 1.0/1.5
-    (one fixed-size tile per image).
+    `image_grid_pinpoints` are the pairs as the checkpoint's config lists them: (height, width) under
+    semantics "hf"; the original LLaVA code reads the same numbers as (width, height), so under
+    semantics "original" they are kept as its config.json has them (see llava_jax.model.anyres).
+    None means LLaVA 1.0/1.5 (one fixed-size tile per image).
     """
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -104,8 +106,9 @@ class LlavaConfig:
     image_token_id: int = 32000
     image_aspect_ratio: str = "pad"  # preprocessing: "square" (HF), "pad" (original 1.5), "anyres"
     image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
-    patch_merge_type: str = "flat"  # NeXT: "spatial_unpad" (image_newline per row) or "flat"
+    patch_merge_type: str = "flat"  # NeXT: "spatial_unpad" (image_newline per row), "spatial" or "flat"
     semantics: str = "hf"  # anyres rules of "hf" (transformers) or "original" (haotian-liu/LLaVA)
+    model_max_length: int | None = None  # longest prompt trained on (original: tokenizer_model_max_length)
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations; attention softmax and norms run in float32
 
@@ -122,8 +125,10 @@ class LlavaConfig:
                 raise ValueError(f"vision_feature_layer {layer} is out of range for a {n}-layer vision tower")
         if self.semantics not in ("hf", "original"):
             raise ValueError(f"semantics must be 'hf' or 'original', got {self.semantics!r}")
-        if self.patch_merge_type not in ("flat", "spatial_unpad"):
-            raise ValueError(f"patch_merge_type must be 'flat' or 'spatial_unpad', got {self.patch_merge_type!r}")
+        if self.patch_merge_type not in ("flat", "spatial", "spatial_unpad"):
+            raise ValueError(
+                f"patch_merge_type must be 'flat', 'spatial' or 'spatial_unpad', got {self.patch_merge_type!r}"
+            )
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -136,6 +141,11 @@ class LlavaConfig:
     @property
     def is_anyres(self) -> bool:
         return self.image_grid_pinpoints is not None
+
+    @property
+    def has_image_newline(self) -> bool:
+        """Whether the model holds `image_newline` (anyres with 'spatial_unpad')."""
+        return self.is_anyres and self.patch_merge_type == "spatial_unpad"
 
     @property
     def tokens_per_tile(self) -> int:
@@ -229,6 +239,16 @@ _LLAVA_CLIP_DEFAULTS = dict(
     _CLIP_DEFAULTS, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
     num_attention_heads=16, image_size=336, patch_size=14,
 )  # fmt: skip
+
+
+def vision_config_from_clip(hf: dict[str, Any]) -> VisionConfig:
+    """From a CLIP directory's config.json: a CLIPVisionModel's, or a full CLIPModel's (its vision_config).
+
+    Unlike llava-hf configs, a CLIP config omits what equals transformers' CLIPVisionConfig defaults.
+    """
+    if hf.get("model_type") == "clip":
+        hf = hf.get("vision_config") or {}
+    return vision_config_from_hf({**_CLIP_DEFAULTS, **hf})
 
 
 def vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:

@@ -1,6 +1,7 @@
 """Converts a checkpoint into a llava_jax model directory (orbax parameters + config + tokenizer).
 
     python -m llava_jax.convert --src llava-1.5-7b-hf --out llava15-7b-jax [--dtype bfloat16]
+    python -m llava_jax.convert --src llava-v1.5-7b --vision_tower clip-vit-large-patch14-336 --out ...
 
 Tensors are read one at a time and cast to --dtype, so a 7B checkpoint converts to bfloat16 within
 about 16 GB of memory. The last line printed is a JSON summary.
@@ -10,38 +11,46 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from llava_jax.checkpoints import orbax
-from llava_jax.pipeline import checkpoint_kind, load_model
+from llava_jax.pipeline import checkpoint_kind, load_model, side_directory
 
-_SRC = flags.DEFINE_string("src", None, "llava-hf checkpoint directory (single or sharded safetensors).")
+_SRC = flags.DEFINE_string("src", None, "llava-hf or original LLaVA checkpoint directory.")
+_VISION_TOWER = flags.DEFINE_string("vision_tower", None, "Original LLaVA only: the CLIP directory "
+                                    "(default: config.json's mm_vision_tower).")  # fmt: skip
 _OUT = flags.DEFINE_string("out", None, "Output directory; must not hold a model yet.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
 
 
-def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True) -> dict:
+def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
+            vision_tower: str | None = None) -> dict:  # fmt: skip
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("--out must differ from --src")
     if checkpoint_kind(src) == "llava_jax":
         raise ValueError(f"{src} is already a llava_jax model directory")
-    model, config = load_model(src, dtype=dtype, progress=progress)
+    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower)
     state = nnx.state(model)
     orbax.save_model_dir(out, state, config, copy_from=src)
+    preprocessor = os.path.join(side_directory(src, vision_tower), "preprocessor_config.json")
+    if not os.path.exists(os.path.join(out, "preprocessor_config.json")) and os.path.isfile(preprocessor):
+        shutil.copy2(preprocessor, out)  # an original checkpoint's lives in its CLIP directory
     n_params = sum(x.size for x in jax.tree.leaves(state))
     return {"src": src, "out": out, "dtype": dtype, "parameters": int(n_params), "seconds": round(time.time() - start, 1)}
 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     if not _SRC.value or not _OUT.value:
         raise app.UsageError("--src and --out are required")
-    print(json.dumps(convert(_SRC.value, _OUT.value, _DTYPE.value)))
+    print(json.dumps(convert(_SRC.value, _OUT.value, _DTYPE.value, vision_tower=_VISION_TOWER.value)))
 
 
 if __name__ == "__main__":

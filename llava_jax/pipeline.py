@@ -15,14 +15,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llava_jax import sharding as shd
-from llava_jax.checkpoints import hf, orbax
+from llava_jax.checkpoints import hf, orbax, original
 from llava_jax.checkpoints.params import read_params
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.config import LlavaConfig
+from llava_jax.data.image import ImageProcessor
+from llava_jax.data.prepare import prepare_inputs
 from llava_jax.feature_cache import ImageFeatureCache
 from llava_jax.generate import Generator, prompt_rows
+from llava_jax.model import anyres_merge
 from llava_jax.model.llava import LlavaModel, check_image_tokens
 from llava_jax.samplers import make_sampler
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def abstract_model(config: LlavaConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -40,10 +45,10 @@ def checkpoint_kind(path: str) -> str:
     if os.path.isdir(path) and os.path.isfile(config_path):
         with open(config_path) as f:
             cfg = json.load(f)
+        if original.is_original_config(cfg):  # before model_type: original 1.5 configs say "llava" too
+            return "original"
         if cfg.get("model_type") in ("llava", "llava_next"):
             return "hf"
-        if "mm_vision_tower" in cfg or "mm_projector_type" in cfg or "mm_hidden_size" in cfg:
-            return "original"
         raise CheckpointError(f"{config_path} has model_type {cfg.get('model_type')!r}, which is not a LLaVA model")
     raise CheckpointError(
         f"{path} is not a model: expected a llava-hf or original LLaVA directory (config.json + weights) "
@@ -51,35 +56,73 @@ def checkpoint_kind(path: str) -> str:
     )
 
 
-def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, progress: bool = False):
-    """Reads a checkpoint directory into a LlavaModel. Returns (model, config)."""
+def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, progress: bool = False,
+               vision_tower: str | None = None):  # fmt: skip
+    """Reads a checkpoint directory into a LlavaModel. Returns (model, config).
+
+    vision_tower: the CLIP directory of an original LLaVA checkpoint (default: its mm_vision_tower).
+    """
     kind = checkpoint_kind(path)
+    if vision_tower is not None and kind != "original":
+        raise ValueError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
     if kind == "llava_jax":
         config = orbax.read_config(path)
     elif kind == "hf":
         config = LlavaConfig.from_hf(path)
     else:
-        raise NotImplementedError(f"original LLaVA checkpoints ({path}) are not supported yet")
+        config, tensors, _ = original.load_original(path, vision_tower)
     config = config.replace(param_dtype=dtype, dtype=dtype)
     graphdef, abstract = abstract_model(config)
     shardings = shd.state_shardings(abstract, mesh) if mesh is not None else None
     if kind == "llava_jax":
         state = orbax.restore_params(path, abstract, shardings, dtype)
-    else:
-        tensors = hf.HFTensors(path)
-        state = read_params(hf.hf_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
+    elif kind == "hf":
+        state = read_params(hf.hf_rules(config), abstract, hf.HFTensors(path), dtype=dtype, shardings=shardings,
                             ignore=hf.hf_ignored(config), progress=progress)  # fmt: skip
+    else:
+        state = read_params(original.original_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
+                            ignore=original.original_ignored(config), progress=progress)  # fmt: skip
     return nnx.merge(graphdef, state), config
 
 
-def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None) -> "Pipeline":
-    """A Pipeline for a llava-hf directory or a model directory written by this project.
+def side_directory(path: str, vision_tower: str | None = None) -> str:
+    """Where the preprocessor_config.json of a checkpoint lives: the checkpoint itself, or for an original
+    LLaVA checkpoint its CLIP directory."""
+    if checkpoint_kind(path) != "original":
+        return path
+    cfg = original.read_json(os.path.join(path, "config.json"))
+    return original.find_vision_tower(path, cfg, vision_tower)
+
+
+def load_image_processor(directory: str, config: LlavaConfig) -> ImageProcessor:
+    """From `directory`/preprocessor_config.json, or from the model config alone where there is none
+    (CLIP preprocessing at the tower's image size with OpenAI's mean and std)."""
+    if os.path.isfile(os.path.join(directory, "preprocessor_config.json")):
+        return ImageProcessor.from_pretrained(directory, config)
+    return ImageProcessor.from_config(config)
+
+
+def load_tokenizer_if_present(directory: str):
+    """The checkpoint's tokenizer (llava_jax.data.tokenizer), or None where it ships no tokenizer files."""
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+        return None
+    from llava_jax.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(directory)
+
+
+def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_tower: str | None = None) -> "Pipeline":
+    """A Pipeline for a llava-hf, original LLaVA, or llava_jax model directory.
 
     dtype: parameters and activations ("float32" for exact parity, "bfloat16" for speed).
     mesh: a jax Mesh with axes from (data, fsdp, tensor); parameters are laid out on it directly.
+    vision_tower: for an original LLaVA checkpoint, its CLIP directory (default: config.json's
+    mm_vision_tower, a path absolute or relative to the checkpoint directory).
     """
-    model, config = load_model(path, dtype, mesh)
-    return Pipeline(model, config, mesh=mesh, directory=path)
+    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower)
+    image_processor = load_image_processor(side_directory(path, vision_tower), config)
+    return Pipeline(model, config, mesh=mesh, directory=path, tokenizer=load_tokenizer_if_present(path),
+                    image_processor=image_processor)  # fmt: skip
 
 
 class Pipeline:
@@ -118,11 +161,18 @@ class Pipeline:
         graphdef = self._graphdef
 
         @jax.jit
-        def forward(state, input_ids, pixel_values, attention_mask, image_sizes):
+        def forward(state, input_ids, pixel_values, attention_mask, feature_index):
             model = nnx.merge(graphdef, state)
-            return model(input_ids, pixel_values, attention_mask, image_sizes)
+            return model(input_ids, pixel_values, attention_mask, feature_index=feature_index)
 
         return forward
+
+    def prepare(self, text: str, images=()) -> dict:
+        """{"input_ids", "attention_mask", "pixel_values", "image_sizes"} for one prompt, as HF's
+        LlavaProcessor / LlavaNextProcessor give them: each `<image>` expanded to the image's token count
+        (see llava_jax.data.prepare). `pipe.logits(**pipe.prepare(text, images))` runs it."""
+        return prepare_inputs(text, images, tokenizer=self.tokenizer, image_processor=self.image_processor,
+                              config=self.config)  # fmt: skip
 
     def logits(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> np.ndarray:
         """Logits of whole sequences, as HF's `model(**inputs).logits`.
@@ -137,15 +187,19 @@ class Pipeline:
         n_features = 0 if pixel_values is None else model.num_image_features(np.shape(pixel_values), image_sizes)
         check_image_tokens(input_ids, self.config.image_token_id, n_features)
         pixel_values = None if pixel_values is None else np.asarray(pixel_values, np.float32)
+        feature_index = None
+        if pixel_values is not None and self.config.is_anyres:  # the token layout, on the host
+            n, p = pixel_values.shape[:2]
+            feature_index = anyres_merge.padded_feature_index(self.config, image_sizes, p, num_images=n)
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask, np.int32).reshape(input_ids.shape)
         with self._mesh_context():
             out = self._forward(
                 self._state,
                 self._device_input(input_ids.astype(np.int32), ("batch", None)),
-                self._device_input(pixel_values, ("batch", None, None, None)),
+                self._device_input(pixel_values, ("batch",) + (None,) * (np.ndim(pixel_values) - 1)),
                 self._device_input(attention_mask, ("batch", None)),
-                None if image_sizes is None else jnp.asarray(image_sizes),
+                None if feature_index is None else jnp.asarray(feature_index),
             )
         return np.asarray(jax.device_get(out), np.float32)
 
@@ -155,18 +209,22 @@ class Pipeline:
     def _image_features_fn(self):
         graphdef = self._graphdef
 
-        @functools.partial(jax.jit, static_argnames=("image_sizes",))
-        def image_features(state, pixel_values, image_sizes):
-            model = nnx.merge(graphdef, state)
-            return model.image_features(pixel_values, None if image_sizes is None else jnp.asarray(image_sizes))
+        @jax.jit
+        def image_features(state, pixel_values, feature_index):
+            return nnx.merge(graphdef, state).image_features(pixel_values, feature_index=feature_index)
 
         return image_features
 
     def _compute_image_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray | None) -> jax.Array:
-        """One image's features [F, D]; image_sizes is static (anyres feature counts depend on it)."""
-        sizes = None if image_sizes is None else tuple(tuple(int(v) for v in row) for row in np.asarray(image_sizes))
+        """One image's features [F, D] (pixel_values [1, ...]); the vision tower runs here."""
+        feature_index, count = None, None
+        if self.config.is_anyres:  # the token layout, on the host; one compiled shape per tile count
+            feature_index = anyres_merge.padded_feature_index(self.config, image_sizes, pixel_values.shape[1], 1)
+            count = anyres_merge.count_features(feature_index)
+            feature_index = jnp.asarray(feature_index)
         with self._mesh_context():
-            return self._image_features_fn(self._state, self._device_input(pixel_values, ("batch",) + (None,) * (pixel_values.ndim - 1)), sizes)
+            pixels = self._device_input(pixel_values, ("batch",) + (None,) * (pixel_values.ndim - 1))
+            return self._image_features_fn(self._state, pixels, feature_index)[:count]
 
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()

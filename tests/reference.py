@@ -26,11 +26,34 @@ def llava_hf_config(text: dict | None = None, vision: dict | None = None, text_m
 
 
 def build_llava(config: transformers.PretrainedConfig, seed: int = 0, scale: float = 0.3):
-    """A float32 model in eval mode with random weights large enough to make logits differ."""
+    """A float32 model in eval mode with random weights large enough to make logits differ.
+
+    A LlavaNextConfig gives a LlavaNextForConditionalGeneration."""
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config).eval()
+    cls = (transformers.LlavaNextForConditionalGeneration if isinstance(config, transformers.LlavaNextConfig)
+           else transformers.LlavaForConditionalGeneration)  # fmt: skip
+    model = cls(config).eval()
     _randomise(model, seed, scale)
     return model
+
+
+# LLaVA-NeXT at the tiny scale: 28 px tiles (4 x 4 patches of 7 px), pinpoints listed as (height, width).
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def llava_next_hf_config(text: dict | None = None, vision: dict | None = None, text_model: str = "llama",
+                         **kwargs) -> transformers.LlavaNextConfig:  # fmt: skip
+    base = llava_hf_config(text, vision, text_model)
+    kwargs = {"image_token_index": IMAGE_TOKEN, "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+              "image_grid_pinpoints": PINPOINTS, **kwargs}  # fmt: skip
+    return transformers.LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config, **kwargs)
+
+
+def next_image_processor(pinpoints=PINPOINTS, tile: int = 28) -> transformers.LlavaNextImageProcessor:
+    return transformers.LlavaNextImageProcessor(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+    )  # fmt: skip
 
 
 def _randomise(model: torch.nn.Module, seed: int, scale: float):
@@ -44,25 +67,35 @@ def _randomise(model: torch.nn.Module, seed: int, scale: float):
                 p.copy_(scale * torch.randn(p.shape, generator=gen) / max(1, p.shape[-1]) ** 0.25)
 
 
-def save(model, directory: str, hub_layout: bool = False) -> str:
-    """Saves config.json + model.safetensors; `hub_layout` renames keys to the published layout."""
-    model.save_pretrained(directory)
-    if hub_layout:
-        from safetensors.torch import load_file, save_file
+def save(model, directory: str, layout: str = "save_pretrained") -> str:
+    """Writes config.json + model.safetensors in one of the key layouts found in the wild.
 
-        path = os.path.join(directory, "model.safetensors")
-        tensors = load_file(path)
-        save_file({to_hub(k): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    "save_pretrained": what transformers 5 itself writes (`language_model.model.*`, `vision_tower.*`);
+    "hub": the published llava-hf layout (`language_model.model.*`, `vision_tower.vision_model.*`,
+    `language_model.lm_head.weight`); "v5": transformers 5's module names (`model.language_model.*`,
+    `model.vision_tower.*`, `lm_head.weight`), as a state_dict dump or a 4.5x save holds them.
+    """
+    model.save_pretrained(directory)
+    if layout != "save_pretrained":
+        from safetensors.torch import save_file
+
+        rename = {"hub": to_hub, "v5": lambda k: k}[layout]
+        tensors = {rename(k): v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            tensors.pop(rename("lm_head.weight"), None)
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     return directory
 
 
 def to_hub(key: str) -> str:
+    """transformers 5 module name -> published llava-hf key."""
     for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                     ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.vision_tower.", "vision_tower.vision_model."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."),
                      ("model.image_newline", "image_newline")):  # fmt: skip
         if key.startswith(new):
-            return old + key[len(new):]
-    return key
+            return old + key[len(new) :]
+    raise KeyError(key)
 
 
 def reference_logits(model, input_ids, pixel_values=None, attention_mask=None, **kwargs) -> np.ndarray:

@@ -1,11 +1,13 @@
 """llava-hf checkpoints (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration).
 
-Two key layouts exist: the one published on the hub (`language_model.model.*`, `vision_tower.*`,
-`multi_modal_projector.*`, `language_model.lm_head.weight`, `image_newline`) and the one
-transformers 5 writes (`model.language_model.*`, `model.vision_tower.*`,
-`model.multi_modal_projector.*`, `lm_head.weight`, `model.image_newline`; its CLIP keys have no
-`vision_model.` level). Rules are written in the transformers-5 layout; other keys are renamed on
-the way in.
+Three key layouts exist. The one published on the hub: `language_model.model.*`,
+`language_model.lm_head.weight`, `vision_tower.vision_model.*`, `multi_modal_projector.*`,
+`image_newline`. transformers 5's module names (what a state_dict holds, and what 4.5x releases
+saved): `model.language_model.*`, `lm_head.weight`, `model.vision_tower.*` (4.5x kept
+`vision_model.` below it), `model.multi_modal_projector.*`, `model.image_newline`. And what
+transformers 5's `save_pretrained` writes: the hub names, but `vision_tower.*` without
+`vision_model.`. Rules are written with transformers 5's module names; every key is renamed to them
+on the way in.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from llava_jax.checkpoints.params import Rule, TensorSource, transpose
 from llava_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from llava_jax.config import LlavaConfig, projector_depth
 
-HUB_TO_V5 = (
+# (file prefix, canonical prefix), first match wins.
+RENAMES = (
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.vision_model.", "model.vision_tower."),
     ("vision_tower.", "model.vision_tower."),
+    ("model.vision_tower.vision_model.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
     ("image_newline", "model.image_newline"),
 )
@@ -93,7 +97,7 @@ def hf_rules(cfg: LlavaConfig) -> list[Rule]:
     rules = vision_rules("model.vision_tower.")
     rules += decoder_rules(cfg, "model.language_model.", "lm_head.weight")
     rules += projector_rules(cfg, "model.multi_modal_projector.")
-    if cfg.is_anyres and cfg.patch_merge_type == "spatial_unpad":
+    if cfg.has_image_newline:
         rules.append(Rule("image_newline", "model.image_newline"))
     return rules
 
@@ -103,43 +107,31 @@ def hf_ignored(cfg: LlavaConfig) -> tuple[str, ...]:
     return IGNORED + ((r"lm_head\.weight",) if cfg.text.tie_word_embeddings else ())
 
 
-def detect_layout(keys) -> str:
-    """'hub' or 'v5'; raises if the keys mix both or are neither."""
-    v5 = any(k.startswith(("model.language_model.", "model.vision_tower.")) for k in keys)
-    hub = any(k.startswith(("language_model.", "vision_tower.")) for k in keys)
-    if v5 and hub:
-        raise CheckpointError("checkpoint mixes the hub key layout (language_model.*) and the transformers-5 "
-                              "layout (model.language_model.*)")  # fmt: skip
-    if not (v5 or hub):
-        raise CheckpointError("no llava-hf tensors found (expected language_model.* or model.language_model.* keys)")
-    return "v5" if v5 else "hub"
-
-
-def hub_to_v5(key: str) -> str:
-    for old, new in HUB_TO_V5:
+def canonical_key(key: str) -> str:
+    for old, new in RENAMES:
         if key.startswith(old):
             return new + key[len(old) :]
     return key
 
 
-def v5_canonical(key: str) -> str:
-    """transformers 4.5x wrote the v5 prefixes but kept CLIP's `vision_model.` level."""
-    old = "model.vision_tower.vision_model."
-    return "model.vision_tower." + key[len(old) :] if key.startswith(old) else key
-
-
 class HFTensors:
-    """A llava-hf safetensors directory with keys presented in the transformers-5 layout."""
+    """A llava-hf safetensors directory with keys presented under transformers 5's module names."""
 
     def __init__(self, directory: str):
         self.source: TensorSource = SafetensorsCheckpoint(directory)
-        keys = self.source.keys()
-        self.layout = detect_layout(keys)
-        rename = hub_to_v5 if self.layout == "hub" else v5_canonical
-        self._original = {rename(k): k for k in keys}
+        self._original: dict[str, str] = {}
+        for key in self.source.keys():
+            name = canonical_key(key)
+            if name in self._original:
+                raise CheckpointError(f"{directory} holds both {self._original[name]} and {key}, which name the "
+                                      "same parameter in different key layouts")  # fmt: skip
+            self._original[name] = key
 
     def keys(self) -> list[str]:
         return list(self._original)
+
+    def file_key(self, key: str) -> str:
+        return self._original.get(key, key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self._original[key])

@@ -25,6 +25,8 @@ Array = np.ndarray
 
 
 class TensorSource(Protocol):
+    """Tensors by key. A source that renames keys may add `file_key(key) -> str` for messages."""
+
     def keys(self) -> list[str]: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
     def read(self, key: str) -> np.ndarray: ...
@@ -78,7 +80,8 @@ def check_coverage(rules: Iterable[Rule], state: nnx.State, source: TensorSource
     present = set(source.keys())
     skip = [re.compile(p) for p in ignore]
     missing = sorted(expected - present)
-    unexpected = sorted(k for k in present - expected if not any(p.fullmatch(k) for p in skip))
+    file_key = getattr(source, "file_key", lambda k: k)
+    unexpected = sorted(file_key(k) for k in present - expected if not any(p.fullmatch(k) for p in skip))
     problems = []
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
@@ -96,8 +99,9 @@ def check_coverage(rules: Iterable[Rule], state: nnx.State, source: TensorSource
 def _read_one(source: TensorSource, key: str, rule: Rule, shape: tuple[int, ...], dtype) -> Array:
     array = rule.to_model(source.read(key))
     if tuple(array.shape) != tuple(shape):
+        name = getattr(source, "file_key", lambda k: k)(key)
         raise CheckpointError(
-            f"tensor {key} has shape {tuple(source.shape(key))}, which gives {tuple(array.shape)} for parameter "
+            f"tensor {name} has shape {tuple(source.shape(key))}, which gives {tuple(array.shape)} for parameter "
             f"{rule.path}; the model config expects {tuple(shape)}"
         )
     return np.asarray(array, dtype=dtype)
@@ -139,10 +143,15 @@ def _key(part: str):
 
 
 def place(value: Array, sharding) -> jax.Array:
-    """Host array -> device array, laid out by `sharding`; each process supplies only its own shards."""
+    """Host array -> device array, laid out by `sharding`; each process supplies only its own shards.
+
+    Blocks until the copy is done, so that the host array can be freed before the next is read.
+    """
     if sharding is None:
-        return jax.device_put(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        array = jax.device_put(value)
+    else:
+        array = jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return array.block_until_ready()
 
 
 def write_params(rules: Iterable[Rule], state: nnx.State, dtype=None) -> Iterable[tuple[str, Array]]:

@@ -2,13 +2,13 @@
 
 The `safetensors` package's numpy backend cannot represent bfloat16, so the format is read directly:
 an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
-raw little-endian bytes. Files are memory-mapped, so a tensor costs memory only when it is read.
+raw little-endian bytes. Each tensor is read with one positioned read, so memory holds only the
+tensors being converted (a memory map would keep every page it touched resident).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 
@@ -33,18 +33,19 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         try:
-            self._file = open(path, "rb")
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as e:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
             raise CheckpointError(f"cannot open safetensors file {path}: {e}") from e
+        size = os.fstat(self._fd).st_size
         try:
-            (n,) = struct.unpack("<Q", self._map[:8])
-            header = json.loads(self._map[8 : 8 + n])
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(os.pread(self._fd, n, 8))
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not a valid safetensors file (bad header): {e}") from e
         header.pop("__metadata__", None)
         self._header, self._data_start = header, 8 + n
-        size = len(self._map)
         for key, info in header.items():
             start, end = info["data_offsets"]
             if info["dtype"] not in DTYPES:
@@ -62,12 +63,17 @@ class SafetensorsFile:
     def read(self, key: str) -> np.ndarray:
         info = self._header[key]
         start, end = info["data_offsets"]
-        buf = self._map[self._data_start + start : self._data_start + end]
-        return np.frombuffer(buf, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
+        out = np.empty(info["shape"], DTYPES[info["dtype"]])
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < end - start:
+            got = os.preadv(self._fd, [view[done:]], self._data_start + start + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: unexpected end of file while reading {key}")
+            done += got
+        return out
 
     def close(self):
-        self._map.close()
-        self._file.close()
+        os.close(self._fd)
 
 
 class SafetensorsCheckpoint:
@@ -116,3 +122,30 @@ class SafetensorsCheckpoint:
     def close(self):
         for f in self.files.values():
             f.close()
+
+
+def write_safetensors(path: str, tensors, metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` ({key: (shape, dtype, produce)} where produce() -> np.ndarray) to `path`.
+
+    Arrays are produced and written one at a time, so a file larger than memory can be written.
+    The file appears under its name only once complete.
+    """
+    names = {np.dtype(v): k for k, v in DTYPES.items()}
+    header, offset = {}, 0
+    for key, (shape, dtype, _) in tensors.items():
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": names[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned
+    partial = path + ".partial"
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for key, (shape, dtype, produce) in tensors.items():
+            array = np.ascontiguousarray(produce(), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {key}: produced shape {array.shape}, declared {tuple(shape)}")
+            f.write(array.tobytes())
+    os.replace(partial, path)

@@ -1,7 +1,8 @@
 """LLaVA: image features written into the text embeddings at the image-token positions -> logits.
 
 HF convention: the processor has already expanded each `<image>` into one `image_token_id` per
-feature, so the k-th image token of the batch (row-major) receives the k-th feature row.
+feature, so the k-th image token of the batch (row-major) receives the k-th feature row. For
+LLaVA-NeXT the rows come from `anyres_merge` (base tile, unpadded grid, `image_newline`s).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
+from llava_jax.model import anyres, anyres_merge
 from llava_jax.model.decoder import Decoder, KVCache
 from llava_jax.model.layers import param
 from llava_jax.model.projector import Projector
@@ -22,8 +24,17 @@ class ImageTokenMismatch(ValueError):
     """The number of image tokens in input_ids differs from the number of image features."""
 
 
+ORIGINAL_IMAGE_TOKEN_INDEX = -200  # what the original LLaVA's tokenizer_image_token puts once per image
+
+
 def check_image_tokens(input_ids, image_token_id: int, num_features: int) -> None:
     """Raises ImageTokenMismatch unless input_ids holds exactly `num_features` image tokens."""
+    if np.any(np.asarray(input_ids) == ORIGINAL_IMAGE_TOKEN_INDEX):
+        raise ImageTokenMismatch(
+            f"input_ids hold the original LLaVA's image marker {ORIGINAL_IMAGE_TOKEN_INDEX}; here every image "
+            f"position is marked by image_token_id ({image_token_id}), repeated once per image feature: build "
+            "the inputs with pipe.prepare(text, images)"
+        )
     n_tokens = int(np.sum(np.asarray(input_ids) == image_token_id))
     if n_tokens != num_features:
         raise ImageTokenMismatch(
@@ -60,10 +71,10 @@ class LlavaModel(nnx.Module):
                                    bias=cfg.projector_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)  # fmt: skip
         self.decoder = Decoder(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
         d = cfg.text.hidden_size
-        with_newline = cfg.is_anyres and cfg.patch_merge_type == "spatial_unpad"
         self.image_newline = nnx.data(
-            param(rngs, nnx.initializers.normal(d**-0.5), (d,), ("embed",), param_dtype) if with_newline else None
-        )
+            param(rngs, nnx.initializers.normal(d**-0.5), (d,), ("embed",), param_dtype)
+            if cfg.has_image_newline else None
+        )  # fmt: skip
 
     def tile_features(self, pixel_values: jax.Array) -> jax.Array:
         """Projected features of each tile. pixel_values: [N, C, H, W] -> [N, F, D_text]."""
@@ -72,19 +83,40 @@ class LlavaModel(nnx.Module):
             states = [h[:, 1:] for h in states]
         return self.projector(jnp.concatenate(states, axis=-1))
 
-    def image_features(self, pixel_values: jax.Array, image_sizes=None) -> jax.Array:
+    def image_features(self, pixel_values: jax.Array, image_sizes=None, feature_index=None) -> jax.Array:
         """All image features of a batch in order, one row per image token.
 
-        pixel_values: [N, C, H, W] -> [N * F, D_text].
+        LLaVA-1.5: pixel_values [N, C, H, W] -> [N * F, D_text].
+        LLaVA-NeXT: pixel_values [N, P, C, H, W] (tiles zero-padded to P) with either image_sizes
+        [N, 2] (height, width) as host values, giving exactly the image tokens' rows, or
+        feature_index [M] from `anyres_merge.padded_feature_index` (computed on the host, so that jit
+        compiles once per shape), giving [M, D_text] with arbitrary rows where the index is -1.
         """
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be [N, C, H, W] for this model, got shape {pixel_values.shape}")
-        features = self.tile_features(pixel_values)
-        return features.reshape(-1, features.shape[-1])
+        if not self.cfg.is_anyres:
+            if pixel_values.ndim != 4:
+                raise ValueError(f"pixel_values must be [N, C, H, W] for this model, got shape {pixel_values.shape}")
+            features = self.tile_features(pixel_values)
+            return features.reshape(-1, features.shape[-1])
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                f"pixel_values must be [N, P, C, H, W] (P tiles per image) for this LLaVA-NeXT model, got shape "
+                f"{pixel_values.shape}; use the model's image processor (pipe.image_processor)"
+            )
+        n, p = pixel_values.shape[:2]
+        if feature_index is None:
+            feature_index = anyres_merge.feature_index(self.cfg, image_sizes, p, num_images=n)
+        tiles = self.tile_features(pixel_values.reshape(n * p, *pixel_values.shape[2:]))
+        tiles = tiles.reshape(n, p, *tiles.shape[1:])
+        newline = None if self.image_newline is None else self.image_newline[...]
+        return anyres_merge.gather_features(tiles, newline, jnp.asarray(feature_index))
 
     def num_image_features(self, pixel_values_shape: tuple[int, ...], image_sizes=None) -> int:
-        """How many image tokens images of this shape fill (known on the host, before running)."""
-        return pixel_values_shape[0] * self.cfg.tokens_per_tile
+        """How many image tokens images of this shape (and, for NeXT, these sizes) fill; host values."""
+        if not self.cfg.is_anyres:
+            return pixel_values_shape[0] * self.cfg.tokens_per_tile
+        n, p = pixel_values_shape[:2]
+        sizes = anyres_merge.check_image_sizes(self.cfg, image_sizes, n, p)
+        return sum(anyres.num_image_tokens(self.cfg, size) for size in sizes)
 
     def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
         """Token embeddings with image features written in. input_ids: [B, T] -> [B, T, D]."""
@@ -95,17 +127,21 @@ class LlavaModel(nnx.Module):
         return scatter_image_features(embeds, is_image, image_features)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, attention_mask=None,
-                 image_sizes=None, positions=None) -> jax.Array:  # fmt: skip
+                 image_sizes=None, positions=None, feature_index=None) -> jax.Array:  # fmt: skip
         """Logits of a whole sequence (no cache).
 
-        input_ids: [B, T] int; pixel_values: [N, C, H, W] (or the NeXT layout with image_sizes);
-        attention_mask: [B, T] (1 = token, 0 = padding); positions: [B, T], default 0..T-1 as
-        transformers uses without a cache. Returns float32 logits [B, T, V].
+        input_ids: [B, T] int; pixel_values: [N, C, H, W] (or the NeXT layout [N, P, C, H, W] with
+        image_sizes or feature_index, see `image_features`); attention_mask: [B, T] (1 = token,
+        0 = padding); positions: [B, T], default 0..T-1 as transformers uses without a cache.
+        Returns float32 logits [B, T, V].
         """
         b, t = input_ids.shape
-        features = None if pixel_values is None else self.image_features(pixel_values, image_sizes)
+        features = None if pixel_values is None else self.image_features(pixel_values, image_sizes, feature_index)
         if not isinstance(input_ids, jax.core.Tracer):  # eager call: check what jit cannot
-            check_image_tokens(input_ids, self.cfg.image_token_id, 0 if features is None else features.shape[0])
+            n_features = 0 if features is None else features.shape[0]
+            if feature_index is not None:
+                n_features = anyres_merge.count_features(feature_index)
+            check_image_tokens(input_ids, self.cfg.image_token_id, n_features)
         x = self.embed(input_ids, features)
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)

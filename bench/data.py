@@ -1,0 +1,218 @@
+"""Data pipeline throughput: LlavaDataset (grain worker processes) vs a plain single-process loop.
+
+Both build the same batches from the same 640x480 JPEGs (written here with Pillow) and the same
+LLaVA instruction records: decode, preprocess (336px CLIP, pad-to-square as LLaVA-1.5; or anyres
+tiling), tokenize, mask labels, pad and stack. Prints samples/s for each and their ratio, one JSON
+line per mode at the end. The two alternate over a few rounds (the median is reported), so load
+from other processes hits both alike; the pipeline is timed once every worker has started. The
+CPU each side got is printed too: on a machine shared with other work the ratio cannot exceed
+what the scheduler grants (Linux autogroup shares CPU per session, not per process).
+
+    python bench/data.py                      # both modes, 2 workers
+    python bench/data.py --mode clip --images 256 --workers 2 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import psutil
+from PIL import Image, ImageDraw
+
+from llava_jax.config import LlavaConfig
+from llava_jax.data import tiny_tokenizer
+from llava_jax.data.pipeline import DataConfig, LlavaDataset
+from llava_jax.data.tokenizer import load_tokenizer
+
+PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+QUESTIONS = ("What is the colour of the circle?", "How many shapes are there?", "Describe the image briefly.")
+
+
+def write_images(folder: str, count: int, seed: int = 0) -> list[str]:
+    """640x480 JPEGs with gradients, shapes and some noise (decode cost like photos, not flat colour)."""
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(count):
+        y, x = np.mgrid[0:480, 0:640]
+        base = np.stack([(x * 255 // 640), (y * 255 // 480), ((x + y) * 255 // 1120)], -1).astype(np.int16)
+        base += rng.integers(-20, 20, size=base.shape, dtype=np.int16)
+        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, 560)), int(rng.integers(0, 400))
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            draw.ellipse((x0, y0, x0 + int(rng.integers(20, 80)), y0 + int(rng.integers(20, 80))), fill=colour)
+        names.append(f"{i:05d}.jpg")
+        image.save(os.path.join(folder, names[-1]), quality=90)
+    return names
+
+
+def write_records(path: str, names: list[str], seed: int = 0) -> None:
+    rng = random.Random(seed)
+    records = []
+    for i, name in enumerate(names):
+        turns = []
+        for t in range(rng.randint(1, 3)):
+            question = rng.choice(QUESTIONS)
+            turns.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + question})
+            turns.append(
+                {"from": "gpt", "value": " ".join(rng.choice(tiny_tokenizer.WORDS) for _ in range(rng.randint(5, 40)))}
+            )
+        records.append({"id": i, "image": name, "conversations": turns})
+    with open(path, "w") as f:
+        json.dump(records, f)
+
+
+def anyres_token_count(size_hw: tuple[int, int]) -> int:
+    """Stand-in count for the benchmark (the real one comes from the model's anyres rules)."""
+    height, width = size_hw
+    rows, cols = (2, 2) if abs(height - width) < min(height, width) else (1, 3)
+    return 576 + rows * cols * 576 // 2
+
+
+class _CpuMeter:
+    """CPU seconds of this process and its workers; each is sampled while alive (workers exit at the end)."""
+
+    def __init__(self):
+        self._processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        self._last = {p.pid: 0.0 for p in self._processes}
+        self._first = self.sample()
+
+    def sample(self) -> float:
+        for process in self._processes:
+            try:
+                times = process.cpu_times()
+                self._last[process.pid] = times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return sum(self._last.values())
+
+    def spent(self) -> float:
+        return self.sample() - self._first
+
+
+def measure_pipeline(dataset: LlavaDataset) -> dict[str, float]:
+    """Steady-state samples/s (timed once every worker has delivered a batch), start-up seconds, and
+    the CPU the pipeline's processes got meanwhile (cores, and milliseconds per sample)."""
+    warm = max(dataset.config.num_workers, 1)
+    start = time.perf_counter()
+    iterator = iter(dataset)
+    for _ in range(warm):
+        next(iterator)
+    meter, warmed = _CpuMeter(), time.perf_counter()
+    batches = 0
+    for _ in iterator:
+        batches += 1
+        meter.sample()
+    cpu, elapsed = meter.spent(), time.perf_counter() - warmed
+    iterator.close()
+    assert batches + warm == dataset.batches_per_epoch * dataset.config.num_epochs
+    samples = batches * dataset.config.batch_size
+    return {"rate": samples / elapsed, "startup": warmed - start, "cores": cpu / elapsed, "cpu_ms": 1e3 * cpu / samples}
+
+
+def measure_loop(dataset: LlavaDataset) -> dict[str, float]:
+    """The same batches built one after another in this process, without grain."""
+    maker, source = dataset._maker, dataset._source  # the pipeline's own per-batch work
+    steps = dataset.batches_per_epoch * dataset.config.num_epochs
+    cpu, start = time.process_time(), time.perf_counter()
+    for step in range(steps):
+        maker(source[step])
+    cpu, elapsed = time.process_time() - cpu, time.perf_counter() - start
+    samples = steps * dataset.config.batch_size
+    return {"rate": samples / elapsed, "cores": cpu / elapsed, "cpu_ms": 1e3 * cpu / samples}
+
+
+def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
+    anyres = mode == "anyres"
+    model_config = LlavaConfig(
+        image_token_id=tokenizer.token_to_id("<image>"),
+        image_aspect_ratio="anyres" if anyres else "pad",
+        image_grid_pinpoints=PINPOINTS if anyres else None,
+    )
+    config = DataConfig(
+        data_path=data_path,
+        image_folder=folder,
+        batch_size=args.batch_size,
+        max_length=4096 if anyres else 2048,
+        num_epochs=1,
+        num_workers=args.workers,
+        worker_buffer_size=2,
+    )
+    dataset = LlavaDataset(
+        config, tokenizer=tokenizer, model_config=model_config, process_index=0, process_count=1,
+        num_image_tokens=anyres_token_count if anyres else None,
+    )  # fmt: skip
+    # Alternate the two in rounds, so that load from other processes on the machine hits both alike.
+    loops, pipelines = [], []
+    for _ in range(args.rounds):
+        loops.append(measure_loop(dataset))
+        pipelines.append(measure_pipeline(dataset))
+    ratios = [pipe["rate"] / loop["rate"] for pipe, loop in zip(pipelines, loops, strict=True)]
+
+    def median(runs, key, digits=1):
+        return round(statistics.median(run[key] for run in runs), digits)
+
+    result = {
+        "bench": "data",
+        "mode": mode,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "rounds": args.rounds,
+        "loop_samples_per_s": median(loops, "rate"),
+        "pipeline_samples_per_s": median(pipelines, "rate"),
+        "ratio": round(statistics.median(ratios), 2),
+        "ratio_per_round": [round(r, 2) for r in ratios],
+        "pipeline_startup_s": median(pipelines, "startup", 2),
+        # CPU each side actually got (other processes on a shared machine take the rest) and spent.
+        "loop_cores": median(loops, "cores", 2),
+        "pipeline_cores": median(pipelines, "cores", 2),
+        "loop_cpu_ms_per_sample": median(loops, "cpu_ms", 2),
+        "pipeline_cpu_ms_per_sample": median(pipelines, "cpu_ms", 2),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    print(
+        f"{mode:6s} loop {result['loop_samples_per_s']:7.1f} samples/s | "
+        f"pipeline {result['pipeline_samples_per_s']:7.1f} samples/s "
+        f"({args.workers} workers, start-up {result['pipeline_startup_s']:.1f} s) | "
+        f"ratio {result['ratio']:.2f}x (rounds: {result['ratio_per_round']}) | "
+        f"cores used: loop {result['loop_cores']:.2f}, pipeline {result['pipeline_cores']:.2f}"
+    )
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("clip", "anyres", "both"), default="both")
+    parser.add_argument("--images", type=int, default=192, help="640x480 JPEGs to write and read")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating loop/pipeline measurements")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "images")
+        os.makedirs(folder)
+        names = write_images(folder, args.images)
+        data_path = os.path.join(tmp, "data.json")
+        write_records(data_path, names)
+        tiny_tokenizer.write_llava_hf_tokenizer(
+            os.path.join(tmp, "tokenizer"), tiny_tokenizer.train_sentencepiece(tiny_tokenizer.corpus(), 512)
+        )
+        tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer"))
+        modes = ("clip", "anyres") if args.mode == "both" else (args.mode,)
+        results = [run(mode, args, folder, data_path, tokenizer) for mode in modes]
+    for result in results:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""LLaVA JSON/JSONL datasets -> padded, static-shape training batches, on grain.
+
+    dataset = LlavaDataset(DataConfig(data_path="llava_v1_5_mix665k.json", image_folder="data/"),
+                           tokenizer=load_tokenizer(ckpt), model_config=config)
+    it = iter(dataset)            # a grain DatasetIterator: it.get_state() / it.set_state(state)
+    batch = next(it)
+
+Each host (JAX process) reads its own rows of every global batch (`sampling.py`); grain worker
+processes load images and build whole batches; a record that cannot be used (missing or corrupt
+image, empty conversation, too long, ...) is left out and counted in `it.stats` (or raised, with
+`on_bad_record="raise"`), so a long run neither dies on one bad record nor drops a good one. Every
+good record is seen exactly once per epoch.
+
+Batches are laid out as `batching.py` describes: input_ids, labels, attention_mask [B, T];
+pixel_values [M, ...] with image_mask [M] and image_sizes [M, 2] (M = batch_size *
+max_images_per_example, the batch's images in reading order); example_index [B].
+
+With several hosts, each host picks T from its own rows; hosts must agree before building a global
+array: take the maximum over processes and `pad_to_length` (buckets keep the number of shapes small).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+from grain.multiprocessing import SharedMemoryArray
+from PIL import Image
+
+from llava_jax.data import sampling
+from llava_jax.data.batching import BatchMaker, pad_to_length
+from llava_jax.data.examples import ExampleBuilder, FixedImageTokens
+from llava_jax.data.records import RecordStore, load_records
+from llava_jax.data.tokenizer import Tokenizer
+
+__all__ = ["DataConfig", "ImageStep", "LlavaDataset", "BatchIterator", "load_records", "pad_to_length"]
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to batch it.
+
+    data_path: JSON (a list of records) or JSONL files, read in order and concatenated.
+    image_folder: image paths in records are relative to it.
+    batch_size: rows per host (JAX process); the global batch is batch_size * process_count.
+    length_buckets: the padded lengths T a batch can have; None: max_length / 8, / 4, / 2, max_length.
+    num_epochs: None repeats forever. on_bad_record: "skip" (count and leave out) or "raise".
+    overlong: "truncate" (keep the head, as the original) or "skip" records over max_length.
+    """
+
+    data_path: str | tuple[str, ...]
+    image_folder: str = ""
+    template: str = "vicuna_v1"
+    batch_size: int = 16
+    max_length: int = 2048
+    length_buckets: tuple[int, ...] | None = None
+    max_images_per_example: int = 1
+    group_by_modality_length: bool = True
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None
+    drop_remainder: bool = False
+    num_workers: int = 2
+    worker_buffer_size: int = 2
+    on_bad_record: str = "skip"
+    overlong: str = "truncate"
+
+    def __post_init__(self):
+        if self.on_bad_record not in ("skip", "raise"):
+            raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {self.on_bad_record!r}")
+        if self.batch_size < 1 or self.max_images_per_example < 1:
+            raise ValueError("batch_size and max_images_per_example must be positive")
+        buckets = self.buckets
+        if buckets != tuple(sorted(set(buckets))) or buckets[-1] != self.max_length or buckets[0] < 1:
+            raise ValueError(
+                f"length_buckets {buckets} must be increasing, positive and end at max_length {self.max_length}"
+            )
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.data_path,) if isinstance(self.data_path, str) else tuple(self.data_path)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        if self.length_buckets is not None:
+            return tuple(self.length_buckets)
+        return tuple(sorted({max(self.max_length // d, 1) for d in (8, 4, 2, 1)}))
+
+
+# -- the image step: the one place images are read -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageStep:
+    """The pipeline's one image step: path -> (pixel_values, (height, width) of the original).
+
+    pixel_values: float32 [C, S, S], or [n, C, S, S] for anyres (the base image, then the tiles).
+    Stand-in until llava_jax.data.image lands: CLIP preprocessing with Pillow and numpy (optional
+    pad-to-square with the mean colour, shortest side to S bicubic, centre crop, normalize) and an
+    anyres tiling on the best-fitting (height, width) pinpoint.
+    """
+
+    size: int = 336
+    pad_to_square: bool = False
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_config(cls, config) -> ImageStep:
+        return cls(
+            size=config.vision.image_size,
+            pad_to_square=config.image_aspect_ratio == "pad",
+            grid_pinpoints=config.image_grid_pinpoints if config.is_anyres else None,
+        )
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        tile = (3, self.size, self.size)
+        if self.grid_pinpoints is None:
+            return tile
+        most_tiles = max((h // self.size) * (w // self.size) for h, w in self.grid_pinpoints)
+        return (1 + most_tiles, *tile)
+
+    def __call__(self, path: str) -> tuple[np.ndarray, tuple[int, int]]:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+        size_hw = (image.height, image.width)
+        if self.grid_pinpoints is not None:
+            return np.stack([self._clip(tile) for tile in self._anyres_tiles(image)]), size_hw
+        if self.pad_to_square:
+            image = self._pad(image, max(image.size), max(image.size))
+        return self._clip(image), size_hw
+
+    def _pad(self, image: Image.Image, width: int, height: int) -> Image.Image:
+        canvas = Image.new("RGB", (width, height), tuple(int(m * 255) for m in self.mean))
+        canvas.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
+        return canvas
+
+    def _clip(self, image: Image.Image) -> np.ndarray:
+        """[3, S, S]: shortest side to S (bicubic), centre crop, rescale and normalize."""
+        scale = self.size / min(image.size)
+        width, height = max(round(image.width * scale), self.size), max(round(image.height * scale), self.size)
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        left, top = (width - self.size) // 2, (height - self.size) // 2
+        pixels = np.asarray(image.crop((left, top, left + self.size, top + self.size)), dtype=np.float32)
+        pixels = (pixels * (1 / 255) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return pixels.transpose(2, 0, 1)
+
+    def _anyres_tiles(self, image: Image.Image) -> list[Image.Image]:
+        def score(hw):  # (effective resolution, -wasted pixels), as select_best_resolution
+            scale = min(hw[1] / image.width, hw[0] / image.height)
+            effective = min(int(image.width * scale) * int(image.height * scale), image.width * image.height)
+            return effective, -(hw[0] * hw[1] - effective)
+
+        height, width = max(self.grid_pinpoints, key=score)
+        scale = min(width / image.width, height / image.height)
+        resized = image.resize(
+            (max(int(image.width * scale), 1), max(int(image.height * scale), 1)), Image.Resampling.BICUBIC
+        )
+        canvas = Image.new("RGB", (width, height), (0, 0, 0))
+        canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
+        tiles = [
+            canvas.crop((x, y, x + self.size, y + self.size))
+            for y in range(0, height, self.size)
+            for x in range(0, width, self.size)
+        ]
+        return [image.resize((self.size, self.size), Image.Resampling.BICUBIC), *tiles]
+
+
+# -- the dataset ---------------------------------------------------------------------------------
+
+
+class HostBatches:
+    """grain source: step -> (step, this host's record indices for that step), epoch after epoch."""
+
+    def __init__(self, signed_lengths: np.ndarray, config: DataConfig, process_index: int, process_count: int):
+        self._lengths = signed_lengths
+        self._config = config
+        self._process = (process_index, process_count)
+        self._cache: dict[int, list[np.ndarray]] = {}
+        self.batches_per_epoch = len(self._epoch(0))
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{len(signed_lengths)} records make no batch of {config.batch_size} x {process_count} hosts "
+                "with drop_remainder=True"
+            )
+
+    def __len__(self) -> int:
+        epochs = self._config.num_epochs
+        return self.batches_per_epoch * epochs if epochs is not None else sys.maxsize
+
+    def __getitem__(self, step: int) -> tuple[int, np.ndarray]:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        return step, self._epoch(epoch)[position]
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._cache:
+            config, (index, count) = self._config, self._process
+            rng = sampling.epoch_rng(config.seed, epoch)
+            megabatch = config.batch_size * count
+            if config.group_by_modality_length:
+                order = sampling.modality_grouped_order(self._lengths, megabatch, count, rng)
+            elif config.shuffle:
+                order = rng.permutation(len(self._lengths))
+            else:
+                order = np.arange(len(self._lengths))
+            self._cache = {epoch: sampling.host_batches(order, config.batch_size, index, count, config.drop_remainder)}
+        return self._cache[epoch]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Batches of the dataset; counts the records left out. Checkpointable: get_state / set_state
+    (JSON-serializable, so grain's orbax CheckpointHandler can save it)."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self.examples = 0
+        self.batches = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, skipped = next(self._parent)
+        # Worker batches arrive in shared memory, freed when collected; hand out ordinary arrays.
+        batch = {k: np.array(v) if isinstance(v, SharedMemoryArray) else v for k, v in batch.items()}
+        for item in skipped:
+            self.skipped[item.reason] += 1
+            logger.warning("skipping record %d (id %r): %s", item.index, item.record_id, item.message)
+        self.examples += int((batch["example_index"] >= 0).sum())
+        self.batches += 1
+        return batch
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.batches, "examples": self.examples, "skipped": dict(self.skipped)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"pipeline": self._parent.get_state(), **self.stats}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["pipeline"])
+        self.batches, self.examples = state["batches"], state["examples"]
+        self.skipped = collections.Counter(state["skipped"])
+
+
+class LlavaDataset:
+    """The training data of one host: iterate it for batches (see the module docstring for the layout).
+
+    Model-specific parts come from the caller: `model_config` (a LlavaConfig) gives the image token
+    id and, by default, the image step and the number of tokens per image; `num_image_tokens` must be
+    given for anyres models until the anyres token count lands. `process_index`/`process_count`
+    default to JAX's.
+    """
+
+    def __init__(
+        self,
+        config: DataConfig,
+        *,
+        tokenizer: Tokenizer,
+        model_config,
+        image_step: Callable[[str], tuple[np.ndarray, tuple[int, int]]] | None = None,
+        pixel_shape: tuple[int, ...] | None = None,
+        num_image_tokens: Callable[[tuple[int, int]], int] | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+        if image_step is None:
+            image_step = ImageStep.from_config(model_config)
+        if pixel_shape is None:
+            if not hasattr(image_step, "pixel_shape"):
+                raise ValueError("pass pixel_shape for an image_step without a pixel_shape attribute")
+            pixel_shape = tuple(image_step.pixel_shape)
+        if num_image_tokens is None:
+            if model_config.is_anyres:
+                raise ValueError("anyres models need num_image_tokens=(height, width) -> count")
+            num_image_tokens = FixedImageTokens(model_config.tokens_per_tile)
+        if tokenizer.pad_id is None:
+            raise ValueError("the tokenizer declares neither a pad nor an unk token to pad batches with")
+        self.config = config
+        records = load_records(config.paths)
+        self.num_records = len(records)
+        self._source = HostBatches(
+            np.asarray([sampling.modality_length(r) for r in records], np.int64), config, process_index, process_count
+        )
+        builder = ExampleBuilder(
+            tokenizer,
+            config.template,
+            model_config.image_token_id,
+            num_image_tokens,
+            config.max_length,
+            config.overlong,
+        )
+        self._maker = BatchMaker(
+            records=RecordStore(records),
+            builder=builder,
+            image_step=image_step,
+            pixel_shape=pixel_shape,
+            image_folder=config.image_folder,
+            batch_size=config.batch_size,
+            max_images_per_example=config.max_images_per_example,
+            buckets=config.buckets,
+            pad_id=tokenizer.pad_id,
+            raise_bad_records=config.on_bad_record == "raise",
+        )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self._source.batches_per_epoch
+
+    def as_grain(self) -> grain.IterDataset:
+        """The grain pipeline: batch steps -> worker processes building batches."""
+        dataset = grain.MapDataset.source(self._source).map(self._maker)
+        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if self.config.num_workers > 0:
+            if not flags.FLAGS.is_parsed():
+                # grain's worker machinery reads absl flags; outside an absl app, use their defaults.
+                flags.FLAGS.mark_as_parsed()
+            options = grain.MultiprocessingOptions(
+                num_workers=self.config.num_workers, per_worker_buffer_size=self.config.worker_buffer_size
+            )
+            dataset = dataset.mp_prefetch(options)
+        return dataset
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(self.as_grain().__iter__())
