@@ -23,15 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax.data.prepare import PromptTooLong
 from llava_jax.model import decode_layout
 from llava_jax.model.decode_layout import LayerCache
 from llava_jax.samplers import Greedy, Sampling
 
 Sampler = Greedy | Sampling
-
-
-class PromptTooLong(ValueError):
-    """A prompt does not fit the model's context."""
 
 
 class DecodeState(NamedTuple):

@@ -18,6 +18,7 @@ from llava_jax import sharding as shd
 from llava_jax.checkpoints import hf, orbax, original
 from llava_jax.checkpoints.params import read_params
 from llava_jax.checkpoints.safetensors_io import CheckpointError
+from llava_jax.chat import ChatSession
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
 from llava_jax.data.prepare import prepare_inputs
@@ -265,6 +266,17 @@ class Pipeline:
                                                           eos_ids)  # fmt: skip
         with self._mesh_context():
             yield from self._generator.stream(rows, features, chunk=1, **kwargs)
+
+    def chat(self, prompt: str, images=(), template: str | None = None, **sampling) -> str:
+        """One turn: `prompt` about `images` (paths, bytes or PIL images) rendered with `template`
+        (default: the one the original LLaVA CLI picks for this checkpoint); returns the reply.
+        sampling: generate's keywords (max_new_tokens, temperature, top_k, top_p, seed).
+        For several turns use `llava_jax.chat.ChatSession`."""
+        return ChatSession(self, images, template).ask(prompt, **sampling)
+
+    def chat_stream(self, prompt: str, images=(), template: str | None = None, **sampling) -> Iterator[str]:
+        """As `chat`, yielding the reply's text as it is generated."""
+        return ChatSession(self, images, template).ask_stream(prompt, **sampling)
 
 
 def read_eos_ids(directory: str | None, tokenizer=None) -> tuple[int, ...]:

@@ -42,12 +42,19 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def sample(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
-        logits = logits.astype(jnp.float32) / self.temperature
-        if self.top_k and self.top_k < logits.shape[-1]:
-            logits = keep_top_k(logits, self.top_k)
-        if self.top_p < 1.0:
-            logits = keep_top_p(logits, self.top_p)
+        logits = filter_logits(logits, self.temperature, self.top_k, self.top_p)
         return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """logits [B, V] -> tempered logits with the tokens outside top-k, then outside the nucleus, at -inf
+    (transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper in that order)."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k and top_k < logits.shape[-1]:
+        logits = keep_top_k(logits, top_k)
+    if top_p < 1.0:
+        logits = keep_top_p(logits, top_p)
+    return logits
 
 
 def keep_top_k(logits: jax.Array, k: int) -> jax.Array:

@@ -1,0 +1,104 @@
+"""Chat: conversations rendered with LLaVA's templates, answered by a Pipeline, optionally streamed.
+
+A `ChatSession` keeps the messages and the images; each turn renders the whole conversation and
+generates the reply. The images' features stay in the pipeline's feature cache, so later turns do not
+run the vision tower again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+from llava_jax.data.conversation import get_template, render, template_for
+from llava_jax.data.image import load_image
+from llava_jax.data.prepare import IMAGE_TAG, ImageCountError
+from llava_jax.generate import cut_at_stop
+
+
+def default_template(pipe) -> str:
+    """The template the original CLI would pick for this checkpoint (by name, then by its config)."""
+    directory = pipe.directory or ""
+    config = None
+    path = os.path.join(directory, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    return template_for(os.path.abspath(directory) if directory else "model", config)
+
+
+class ChatSession:
+    """A multi-turn conversation about some images (paths, bytes or PIL images, loaded up front).
+
+    The first user message gets one `<image>` per image in front of it ("<image>\\n" + text, as the
+    original CLI does) unless it places the tags itself.
+    """
+
+    def __init__(self, pipe, images: Sequence = (), template: str | None = None, system: str | None = None):
+        if pipe.tokenizer is None:
+            raise ValueError("chat needs the checkpoint's tokenizer; this pipeline has none")
+        self.pipe = pipe
+        images = images if isinstance(images, (list, tuple)) else [images]
+        self.images = [load_image(im) if isinstance(im, (str, os.PathLike, bytes, bytearray)) else im for im in images]
+        self.template = template or default_template(pipe)
+        get_template(self.template)  # fails early on an unknown name
+        self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        eos = self.pipe.tokenizer.decode([self.pipe.tokenizer.eos_id]) if self.pipe.tokenizer.eos_id is not None else ""
+        return tuple(s for s in {get_template(self.template).stop_string, eos} if s)
+
+    def _user_text(self, prompt: str) -> str:
+        if any(m["role"] == "user" for m in self.messages):
+            if IMAGE_TAG in prompt:
+                raise ImageCountError(f"{IMAGE_TAG} goes in the first message only; this conversation's images "
+                                      "were placed there")  # fmt: skip
+            return prompt
+        tags = prompt.count(IMAGE_TAG)
+        if tags == 0:
+            return (IMAGE_TAG + "\n") * len(self.images) + prompt
+        if tags != len(self.images):
+            raise ImageCountError(f"the prompt has {tags} {IMAGE_TAG} tags but the conversation has "
+                                  f"{len(self.images)} images; give one image per tag")  # fmt: skip
+        return prompt
+
+    def ask_stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """Adds the user's message and yields the reply's text as it is generated; the finished reply
+        (cut at the template's stop string, stripped) joins the conversation."""
+        messages = self.messages + [{"role": "user", "content": self._user_text(prompt)}]
+        text = render(self.template, messages, add_generation_prompt=True)
+        inputs = self.pipe.prepare(text, self.images)
+        tokenizer, stop = self.pipe.tokenizer, self.stop
+        ids: list[int] = []
+        shown = ""
+        for new in self.pipe.generate_stream(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
+                                             stop=stop, **sampling):  # fmt: skip
+            ids += new[0]
+            stable = stable_text(tokenizer.decode(ids), stop).lstrip()
+            if len(stable) > len(shown):
+                yield stable[len(shown):]
+                shown = stable
+        reply = cut_at_stop(tokenizer.decode(ids), stop).strip()
+        if reply.startswith(shown) and len(reply) > len(shown):
+            yield reply[len(shown):]
+        self.messages = messages + [{"role": "assistant", "content": reply}]
+
+    def ask(self, prompt: str, **sampling) -> str:
+        """The reply to `prompt` (see ask_stream)."""
+        for _ in self.ask_stream(prompt, **sampling):
+            pass
+        return self.messages[-1]["content"]
+
+
+def stable_text(text: str, stop: Sequence[str]) -> str:
+    """The part of a growing reply that later tokens cannot change: cut at a stop string, without a
+    tail that may be the start of one, or an incomplete UTF-8 character."""
+    text = cut_at_stop(text, stop)
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                text = text[:-k]
+                break
+    return text.rstrip("\ufffd")
