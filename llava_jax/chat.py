@@ -76,7 +76,7 @@ class ChatSession:
         for new in self.pipe.generate_stream(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
                                              stop=stop, **sampling):  # fmt: skip
             ids += new[0]
-            stable = stable_text(tokenizer.decode(ids), stop).lstrip()
+            stable = stable_text(tokenizer.decode(ids[: settled(ids, tokenizer)]), stop).lstrip()
             if len(stable) > len(shown):
                 yield stable[len(shown):]
                 shown = stable
@@ -92,13 +92,22 @@ class ChatSession:
         return self.messages[-1]["content"]
 
 
+def settled(ids: Sequence[int], tokenizer) -> int:
+    """How many leading ids decode to text that later ids cannot change: all but a trailing run of
+    one-character tokens. Byte-fallback tokens decode as a group, so a byte that reads as a valid
+    character now may read as U+FFFD once the bytes after it arrive."""
+    n = len(ids)
+    while n and len(tokenizer.decode(ids[n - 1 : n])) <= 1:
+        n -= 1
+    return n
+
+
 def stable_text(text: str, stop: Sequence[str]) -> str:
     """The part of a growing reply that later tokens cannot change: cut at a stop string, without a
-    tail that may be the start of one, or an incomplete UTF-8 character."""
+    tail that may be the start of one."""
     text = cut_at_stop(text, stop)
     for s in stop:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):
-                text = text[:-k]
-                break
-    return text.rstrip("\ufffd")
+                return text[:-k]
+    return text

@@ -227,7 +227,7 @@ class Generator:
                     new[i].append(int(tok))
                     if int(tok) in eos_ids or len(out[i]) >= budget:
                         finished[i] = True
-                if not finished[i] and stop and new[i] and find_stop(self.decode_text(out[i]), stop) is not None:
+                if stop and new[i] and find_stop(self.decode_text(out[i]), stop) is not None:
                     finished[i] = True
                     out[i], new[i] = trim_to_stop(out[i], new[i], stop, self.decode_text)
             emitted = step

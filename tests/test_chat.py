@@ -1,0 +1,137 @@
+"""pipe.chat / ChatSession / infer.py on a tiny model with a real (tiny, sentencepiece) tokenizer,
+against transformers' generate on the same prepared inputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import llava_jax
+from llava_jax.chat import ChatSession, stable_text
+from llava_jax.data import tiny_tokenizer
+from llava_jax.data.conversation import render
+from llava_jax.data.image import UnreadableImageError
+from llava_jax.data.prepare import ImageCountError
+from llava_jax.generate import cut_at_stop
+from tests import reference as R
+from tests.conftest import ADDED_TOKENS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = "What color is the circle?"
+
+
+def picture(seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, sp_model_proto):
+    directory = str(tmp_path_factory.mktemp("chat_model"))
+    ids = tiny_tokenizer.write_llava_hf_tokenizer(directory, sp_model_proto, added_tokens=ADDED_TOKENS)
+    config = R.llava_hf_config(text=dict(vocab_size=max(ids.values()) + 1), image_token_index=ids["<image>"])
+    model = R.build_llava(config, seed=3, scale=0.5)
+    R.save(model, directory)
+    return model, directory, llava_jax.load(directory, dtype="float32")
+
+
+def hf_reply(model, pipe, text, images, new):
+    inputs = pipe.prepare(text, images)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor(inputs["input_ids"]),
+                             attention_mask=torch.as_tensor(inputs["attention_mask"]),
+                             pixel_values=torch.as_tensor(inputs["pixel_values"]), max_new_tokens=new,
+                             do_sample=False)  # fmt: skip
+    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return cut_at_stop(pipe.tokenizer.decode(ids), ("</s>",)).strip()
+
+
+def test_chat_matches_transformers(chat_model):
+    model, _, pipe = chat_model
+    assert ChatSession(pipe).template == "llava_v1"  # llava-hf name without hints, LLaMA text config
+    text = render("llava_v1", [{"role": "user", "content": "<image>\n" + QUESTION}])
+    expected = hf_reply(model, pipe, text, [picture(0)], 24)
+    assert len(expected) > 10
+    assert pipe.chat(QUESTION, [picture(0)], max_new_tokens=24, temperature=0) == expected
+    assert "".join(pipe.chat_stream(QUESTION, [picture(0)], max_new_tokens=24, temperature=0)) == expected
+
+
+def test_stop_string_ends_generation_after_its_token(chat_model):
+    _, _, pipe = chat_model
+    inputs = pipe.prepare("USER: <image>\nHello ASSISTANT:", [picture(1)])
+    args = (inputs["input_ids"], inputs["pixel_values"])
+    free = pipe.generate(*args, max_new_tokens=30, eos_ids=())[0]
+    text = pipe.tokenizer.decode(free)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip() and find(text, stop) < len(text)
+    for stream in (False, True):
+        run = pipe.generate_stream if stream else pipe.generate
+        out = run(*args, max_new_tokens=30, eos_ids=(), stop=(stop,))
+        ids = sum((step[0] for step in out), []) if stream else out[0]
+        assert ids == free[: len(ids)] and len(ids) < len(free)
+        assert stop in pipe.tokenizer.decode(ids) and stop not in pipe.tokenizer.decode(ids[:-1])
+
+
+def find(text, s):
+    return text.index(s)
+
+
+def test_session_keeps_the_conversation_and_the_image_features(chat_model):
+    model, _, pipe = chat_model
+    calls = []
+    compute = pipe.feature_cache.compute
+    pipe.feature_cache.compute = lambda *a: calls.append(1) or compute(*a)
+    try:
+        pipe.feature_cache.clear()
+        session = ChatSession(pipe, [picture(2)])
+        first = session.ask(QUESTION, max_new_tokens=8, temperature=0)
+        second = session.ask("And the square?", max_new_tokens=8, temperature=0)
+        assert len(calls) == 1  # the second question reused the image's features
+    finally:
+        pipe.feature_cache.compute = compute
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    text = render("llava_v1", session.messages[:3])
+    assert second == hf_reply(model, pipe, text, [picture(2)], 8)
+    assert session.messages[1]["content"] == first
+
+
+def test_chat_errors(chat_model, tmp_path):
+    _, _, pipe = chat_model
+    with pytest.raises(ImageCountError, match="2 <image> tags but the conversation has 1 images"):
+        pipe.chat("<image> and <image>?", [picture(0)], max_new_tokens=2)
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        pipe.chat(QUESTION, [str(tmp_path / "missing.png")])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(UnreadableImageError, match="cannot read image"):
+        pipe.chat(QUESTION, [str(tmp_path / "bad.png")])
+    with pytest.raises(KeyError):
+        pipe.chat(QUESTION, template="no_such_template")
+
+
+def test_stable_text_holds_back_what_may_change():
+    assert stable_text("Hello wor", ("</s>",)) == "Hello wor"
+    assert stable_text("Hello </", ("</s>",)) == "Hello "
+    assert stable_text("Hello</s> more", ("</s>",)) == "Hello"
+
+
+def run_infer(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)  # fmt: skip
+
+
+def test_infer_answers_and_reports(chat_model, tmp_path):
+    _, directory, pipe = chat_model
+    image = tmp_path / "picture.png"
+    picture(4).save(image)
+    result = run_infer("--model", directory, "--image", str(image), "--prompt", QUESTION, "--temperature", "0",
+                       "--max_new_tokens", "12", "--dtype", "float32")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["answer"] == pipe.chat(QUESTION, [str(image)], max_new_tokens=12, temperature=0)
+    assert summary["template"] == "llava_v1"
+    missing = run_infer("--model", directory, "--image", str(tmp_path / "nope.jpg"), "--prompt", QUESTION)
+    assert missing.returncode == 2 and "image file not found" in missing.stderr
