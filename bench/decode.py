@@ -11,7 +11,8 @@ loaded with `llava_jax.load`; the same prompt (BOS, one image, text: 297 tokens)
   prefill does not blur it; x batch for the batch-8 rate.
 - roofline: decoder weight bytes read per token (layers, final norm, LM head) against the bandwidth of
   a large float32 matrix-vector product measured in this run.
-Every figure is the median of --repeats runs; ratios are taken of the medians.
+The sides run in turn within every repeat (the machine is shared and its load drifts); every figure is
+the median of --repeats runs, and ratios are taken of the medians.
 """
 
 from __future__ import annotations
@@ -108,22 +109,45 @@ def jax_runner(pipe, batch: int):
     return run
 
 
-def measure(run, repeats: int) -> dict:
-    run(SHORT), run(LONG)  # compile / warm up
-    t_short = timed(lambda: run(SHORT), repeats)
-    t_long = timed(lambda: run(LONG), repeats)
-    return {"prefill_s": t_short, "decode_s_per_token": (t_long - t_short) / (LONG - SHORT)}
+def measure(runners: dict, repeats: int, bandwidth=None) -> dict:
+    """{name: run(new_tokens)} -> {name: {"prefill_s", "decode_s_per_token"}}.
+
+    Every repeat runs each side's 1- and 65-token generations in turn (and samples `bandwidth`, a
+    MatvecBandwidth), so that all sides see the same load of this shared machine; figures are the
+    medians over repeats.
+    """
+    for run in runners.values():  # compile / warm up
+        run(SHORT), run(LONG)
+    times = {name: ([], []) for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            times[name][0].append(timed(lambda: run(SHORT), 1))
+            times[name][1].append(timed(lambda: run(LONG), 1))
+        if bandwidth is not None:
+            bandwidth.sample()
+    out = {}
+    for name, (short, long) in times.items():
+        t_short, t_long = statistics.median(short), statistics.median(long)
+        out[name] = {"prefill_s": t_short, "decode_s_per_token": (t_long - t_short) / (LONG - SHORT)}
+    return out
 
 
-def matvec_bandwidth(repeats: int, n: int = 8192) -> float:
-    """Bytes per second of y = W x with W [n, n] float32 (256 MiB: far beyond the caches)."""
-    w = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    x = jnp.ones((n,), jnp.float32)
-    f = jax.jit(lambda w, x: w @ x)
-    f(w, x).block_until_ready()
-    reps = 10
-    t = timed(lambda: [f(w, x).block_until_ready() for _ in range(reps)], repeats) / reps
-    return w.size * 4 / t
+class MatvecBandwidth:
+    """Bytes per second of y = W x with W [n, n] float32 (256 MiB, beyond the per-core caches)."""
+
+    def __init__(self, n: int = 8192):
+        self.w = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        self.x = jnp.ones((n,), jnp.float32)
+        self.f = jax.jit(lambda w, x: w @ x)
+        self.f(self.w, self.x).block_until_ready()
+        self.samples: list[float] = []
+
+    def sample(self, reps: int = 5) -> None:
+        t = timed(lambda: [self.f(self.w, self.x).block_until_ready() for _ in range(reps)], 1) / reps
+        self.samples.append(self.w.size * 4 / t)
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
 
 
 def decoder_bytes_per_token(pipe) -> int:
@@ -143,7 +167,7 @@ def decoder_bytes_per_token(pipe) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; medians are reported")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure; medians are reported")
     parser.add_argument("--skip_hf", action="store_true", help="only llava_jax (no ratios against transformers)")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 run")
@@ -154,28 +178,26 @@ def main():
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as directory:
-        hf_model = build_hf(directory)
+        hf_model = build_hf(directory)  # also writes the checkpoint that llava_jax loads
         if args.skip_hf:
-            del hf_model
+            hf_model = None
         pipe = llava_jax.load(directory, dtype="float32")
-        for b in batches:
-            results[f"jax_f32_b{b}"] = measure(jax_runner(pipe, b), args.repeats)
-            print(f"llava_jax float32 batch {b}: {results[f'jax_f32_b{b}']}", flush=True)
+        pipe16 = None if args.no_bf16 else llava_jax.load(directory, dtype="bfloat16")
         bytes_per_token = decoder_bytes_per_token(pipe)
-        del pipe
-        if not args.no_bf16:
-            pipe16 = llava_jax.load(directory, dtype="bfloat16")
-            results["jax_bf16_b1"] = measure(jax_runner(pipe16, 1), args.repeats)
-            print(f"llava_jax bfloat16 batch 1: {results['jax_bf16_b1']}", flush=True)
-            del pipe16
-        if not args.skip_hf:
-            import torch
-
-            for b in batches:
-                results[f"hf_f32_b{b}"] = measure(hf_runner(hf_model, b), args.repeats)
-                print(f"transformers float32 batch {b} ({torch.get_num_threads()} threads): {results[f'hf_f32_b{b}']}",
-                      flush=True)  # fmt: skip
-    bandwidth = matvec_bandwidth(args.repeats)
+        bandwidth = MatvecBandwidth()
+        for b in batches:
+            runners = {f"jax_f32_b{b}": jax_runner(pipe, b)}
+            if pipe16 is not None and b == 1:
+                runners["jax_bf16_b1"] = jax_runner(pipe16, 1)
+            if hf_model is not None:
+                runners[f"hf_f32_b{b}"] = hf_runner(hf_model, b)
+            results.update(measure(runners, args.repeats, bandwidth if b == 1 else None))
+            for name in runners:
+                print(f"{name}: {results[name]}", flush=True)
+    if not bandwidth.samples:
+        for _ in range(args.repeats):
+            bandwidth.sample()
+    bandwidth = bandwidth.median()
     roofline = bandwidth / bytes_per_token
     print_table(results, batches, bandwidth, bytes_per_token, roofline)
 

@@ -118,17 +118,20 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs):
 def scan_layers(layers: nnx.Module, body, carry, xs=None, *, length: int | None = None, remat: bool = False):
     """Runs `body(layer, carry, x) -> (carry, y)` over stacked layers with `jax.lax.scan`.
 
-    The layers' state is split once and each step merges one slice back into a module, so the traced
-    program holds one layer however deep the stack. `length` runs only the first `length` layers.
+    The layers' state is split once and each step merges one layer's slice back into a module, so the
+    traced program holds one layer however deep the stack. `length` runs only the first `length`
+    layers; the step indexes the stacked state itself (slicing off the first `length` layers up
+    front would copy all their parameters).
     """
     graphdef, state = nnx.split(layers)
-    if length is not None:
-        state = jax.tree.map(lambda a: a[:length], state)
+    if length is None:
+        length = jax.tree.leaves(state)[0].shape[0]
 
     def step(carry, inputs):
-        layer_state, x = inputs
+        i, x = inputs
+        layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
     if remat:
         step = jax.checkpoint(step, prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (jnp.arange(length), xs), length=length)
