@@ -94,13 +94,24 @@ def test_eos_ends_each_row_as_transformers(llama, batch):
     assert pipe.generate(rows, pixels, max_new_tokens=NEW, eos_ids=(eos,)) == expected
 
 
+def test_long_prompts_match_transformers(llama, batch):
+    """Prompts long enough for the block-causal prefill, with images and left padding."""
+    model, pipe = llama
+    rows, pixels = batch
+    rng = np.random.default_rng(4)
+    long_rows = [prompt(rng, 150), prompt(rng, 90)]
+    assert max(map(len, long_rows)) >= 4 * decode_layout.CAUSAL_BLOCK_MIN
+    expected = hf_generate(model, long_rows, pixels[:2], new=12)
+    assert pipe.generate(long_rows, pixels[:2], max_new_tokens=12, eos_ids=()) == expected
+
+
 def test_text_only_and_sliding_window_match_transformers(tmp_path):
     config = R.llava_hf_config(text=dict(sliding_window=6), text_model="mistral")
     model = R.build_llava(config, seed=2, scale=0.5)
     pipe = llava_jax.load(R.save(model, str(tmp_path)), dtype="float32")
     assert pipe.config.text.sliding_window == 6
     rng = np.random.default_rng(3)
-    rows = [[1] + list(rng.integers(3, 90, n)) for n in (9, 3)]
+    rows = [[1] + list(rng.integers(3, 90, n)) for n in (9, 3, 140)]
     assert pipe.generate(rows, max_new_tokens=NEW, eos_ids=()) == hf_generate(model, rows)
 
 

@@ -42,7 +42,7 @@ def decode_params(decoder: dict, cfg: TextConfig) -> dict:
     """Decode layout from the Decoder's parameters (`nnx.to_pure_dict(nnx.state(decoder))`).
 
     Returns {"embed": [V, D] (half precision as uint16 bits), "norm": [D], "head": [V, D],
-    "layers": [per-layer dict]} where a
+    "rope": (cos, sin) [max positions, hd] float32, "layers": [per-layer dict]} where a
     layer has attn_norm, mlp_norm [D]; qkv [(H + 2K) hd, D]; o [D, H hd]; gate_up [2F, D];
     down [D, F] (and the matching *_bias where the config has biases): a copy of the weights.
     """
@@ -78,7 +78,10 @@ def decode_params(decoder: dict, cfg: TextConfig) -> dict:
         # Gathered as bits: XLA:CPU would otherwise convert the whole table to float32 for the
         # lookup and hoist that conversion out of the decode loop.
         embed = jax.jit(lambda e: jax.lax.bitcast_convert_type(e, jnp.uint16))(embed)
-    return {"embed": embed, "norm": decoder["norm"]["scale"], "head": head, "layers": per_layer}
+    positions = jnp.arange(cfg.max_position_embeddings)[None]
+    rope = jax.jit(lambda p: tuple(t[0, :, 0] for t in rope_tables(p, cfg.head_dim, cfg.rope_theta,
+                                                                   cfg.rope_scaling_factor)))(positions)  # fmt: skip
+    return {"embed": embed, "norm": decoder["norm"]["scale"], "head": head, "layers": per_layer, "rope": rope}
 
 
 def embed_lookup(params: dict, ids: jax.Array) -> jax.Array:
@@ -133,14 +136,34 @@ def attention(p: dict, h: jax.Array, cos, sin, mask, cache: LayerCache, cache_in
     at = (0, cache_index, 0)
     cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k_new, at), jax.lax.dynamic_update_slice(cache.v, v_new, at))
     keys, values = (k_new, v_new) if fresh else (cache.k, cache.v)
-    q = q.reshape(b, t, nk, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * nk, g * t, hd)
-    scores = jnp.einsum("nqd,nsd->nqs", q.astype(keys.dtype), keys, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, nk, g, t, -1)
-    scores = jnp.where(mask[:, None, None], scores * hd**-0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype).reshape(b * nk, g * t, -1)  # rounded as the model
-    out = jnp.einsum("nqs,nsd->nqd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
-    out = out.astype(h.dtype).reshape(b, nk, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b * t, nh * hd)
+    q = q.reshape(b, t, nk, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * nk, g, t, hd)
+    if fresh and t >= 4 * CAUSAL_BLOCK_MIN and t % 4 == 0:
+        # Causal prompt: query block i sees keys [0, (i + 1) t / 4) only, which skips 3/8 of the
+        # scores and their softmax.
+        c = t // 4
+        out = jnp.concatenate([_attend(q[:, :, i * c : (i + 1) * c], keys[:, : (i + 1) * c], values[:, : (i + 1) * c],
+                                       mask[:, i * c : (i + 1) * c, : (i + 1) * c], h.dtype)
+                               for i in range(4)], axis=2)  # fmt: skip
+    else:
+        out = _attend(q, keys, values, mask, h.dtype)
+    out = out.reshape(b, nk, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b * t, nh * hd)
     return project(p["o"], out, p.get("o_bias"), pad_columns=pad_columns).reshape(b, t, d), cache
+
+
+CAUSAL_BLOCK_MIN = 32  # prompts of at least 4x this many tokens attend block by block (see attention)
+
+
+def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+    """q: [B*K, G, T, hd]; keys, values: [B*K, S, hd]; mask: [B, T, S] -> [B*K, G, T, hd] in dtype.
+    As the model: float32 scores and softmax, probabilities rounded to the compute dtype."""
+    n, g, t, hd = q.shape
+    b = mask.shape[0]
+    scores = jnp.einsum("nqd,nsd->nqs", q.reshape(n, g * t, hd).astype(keys.dtype), keys,
+                        preferred_element_type=jnp.float32).reshape(b, n // b, g, t, -1)  # fmt: skip
+    scores = jnp.where(mask[:, None, None], scores * hd**-0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(n, g * t, -1)
+    out = jnp.einsum("nqs,nsd->nqd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return out.astype(dtype).reshape(n, g, t, hd)
 
 
 def mlp(p: dict, h: jax.Array, cfg: TextConfig, *, pad_columns: bool) -> jax.Array:
@@ -164,7 +187,9 @@ def forward(params: dict, cfg: TextConfig, x: jax.Array, positions: jax.Array, k
     q_slots = cache_index + jnp.arange(t)
     k_slots = jnp.arange(t) if fresh else jnp.arange(s)
     mask = attention_mask(q_slots, k_slots, kv_valid[:, :t] if fresh else kv_valid, cfg.sliding_window)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
+    # Looked up, not computed: XLA fuses cos and sin into their consumers and so would evaluate them
+    # for every element of q and k of every layer (a third of the prefill's attention time).
+    cos, sin = (jnp.take(table, positions, axis=0)[:, :, None] for table in params["rope"])
     new_caches = []
     for p, cache in zip(params["layers"], caches):
         h, cache = attention(p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), cos, sin, mask, cache, cache_index,
