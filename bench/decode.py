@@ -1,6 +1,6 @@
 """Decoding speed of llava_jax against transformers (PyTorch, CPU) on the same ~300M LLaVA.
 
-    python bench/decode.py [--repeats 3] [--skip_hf]
+    python bench/decode.py [--repeats 5] [--skip_hf] [--batches 1,8] [--no_bf16]
 
 One model of realistic shape (CLIP ViT-B/14 at 224 -> 256 image tokens; a 12-layer 1024-wide LLaMA
 with MLP 2816 and vocab 32064), random weights built in transformers, saved with save_pretrained and
@@ -10,7 +10,7 @@ loaded with `llava_jax.load`; the same prompt (BOS, one image, text: 297 tokens)
 - decode tok/s: (65 - 1) new tokens / (time of a 65-token generation - time of a 1-token one), so
   prefill does not blur it; x batch for the batch-8 rate.
 - roofline: decoder weight bytes read per token (layers, final norm, LM head) against the bandwidth of
-  a large float32 matrix-vector product measured in this run.
+  a large float32 matrix-vector product, sampled between the batch-1 runs.
 The sides run in turn within every repeat (the machine is shared and its load drifts); every figure is
 the median of --repeats runs, and ratios are taken of the medians.
 """

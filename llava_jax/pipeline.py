@@ -139,6 +139,7 @@ class Pipeline:
         self._graphdef, self._state = nnx.split(model)
         self.eos_ids = read_eos_ids(directory, tokenizer)
         self.feature_cache = ImageFeatureCache(self._compute_image_features)
+        self._features_source = self._state
         pad_id = getattr(tokenizer, "pad_id", None)
         if pad_id is None or pad_id < 0 or pad_id == config.image_token_id:
             pad_id = 0 if config.image_token_id != 0 else 1  # padding is masked: any id but the image token
@@ -233,6 +234,9 @@ class Pipeline:
     def _prepare_generation(self, input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens, temperature,
                             top_k, top_p, seed, stop, eos_ids):  # fmt: skip
         rows = prompt_rows(input_ids, attention_mask)
+        if self._features_source is not self._state:  # new parameters: cached features are stale
+            self.feature_cache.clear()
+            self._features_source = self._state
         model = self.model
         n_features = 0 if pixel_values is None else model.num_image_features(np.shape(pixel_values), image_sizes)
         check_image_tokens(np.concatenate(rows), self.config.image_token_id, n_features)

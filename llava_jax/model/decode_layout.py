@@ -1,17 +1,20 @@
 """The decoder's weights laid out for generation, and the forward pass that reads them.
 
-The same function as `Decoder.__call__` + `Decoder.logits` (the generation tests hold the two to
-transformers), arranged for memory-bound token-by-token decoding:
+The same function as `Decoder.__call__` + `Decoder.logits` (tests/test_generate.py holds it to the
+model and to transformers), arranged for memory-bound token-by-token decoding. Each choice below
+was measured on XLA:CPU (bench/decode.py), where the defaults move two to three times the bytes:
 
-- Layers unstacked, one array per layer, run in a Python loop. Slicing a layer out of the stacked
-  [L, ...] parameters inside a scan copies it on XLA:CPU, tripling the bytes moved per token.
-- Kernels stored [out, in] with the activations feature-major ([D, tokens]), so every projection is
-  `W @ X`: with the weights as the left operand XLA:CPU streams them at full memory bandwidth, also
-  for several columns (batched decoding); `X @ W` runs at half that for more than one row.
-- q/k/v and gate/up concatenated: four weight reads per layer.
-- A one-column bfloat16 product takes a slow path on XLA:CPU; it gets two columns (`pad_columns`).
-
-Each layer's KV cache is its own array, updated in place in the decode loop's carry.
+- Layers unstacked, one array per layer, run in a Python loop: slicing a layer out of stacked
+  [L, ...] parameters inside a scan copies it, tripling the bytes moved per token.
+- Kernels stored [out, in], q/k/v and gate/up concatenated (four weight reads per layer). A
+  projection of a few rows runs as W @ X^T (`product`), the orientation XLA:CPU streams at full
+  bandwidth; X @ W^T runs at half of it for 2-8 rows.
+- A one-row half-precision product takes a slow path; it is given two rows (`pad_columns`).
+- Each layer's KV cache is its own [B * K, S, hd] array, updated in place in the decode loop's carry
+  and read in place by the attention products (other layouts made XLA copy or transpose it).
+- RoPE cos/sin come from a table: computed in the graph, XLA fuses them into their consumers and
+  evaluates them for every element of q and k.
+- A long prompt attends block-causally (`attention`), skipping 3/8 of its scores.
 """
 
 from __future__ import annotations
