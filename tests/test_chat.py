@@ -118,9 +118,9 @@ def test_stable_text_holds_back_what_may_change():
     assert stable_text("Hello</s> more", ("</s>",)) == "Hello"
 
 
-def run_infer(*args):
+def run_infer(*args, stdin=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)  # fmt: skip
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300, input=stdin)  # fmt: skip
 
 
 def test_infer_answers_and_reports(chat_model, tmp_path):
@@ -135,3 +135,17 @@ def test_infer_answers_and_reports(chat_model, tmp_path):
     assert summary["template"] == "llava_v1"
     missing = run_infer("--model", directory, "--image", str(tmp_path / "nope.jpg"), "--prompt", QUESTION)
     assert missing.returncode == 2 and "image file not found" in missing.stderr
+
+
+def test_infer_chats_turn_by_turn(chat_model, tmp_path):
+    _, directory, pipe = chat_model
+    image = tmp_path / "picture.png"
+    picture(5).save(image)
+    result = run_infer("--model", directory, "--image", str(image), "--temperature", "0", "--max_new_tokens", "6",
+                       "--dtype", "float32", stdin=f"{QUESTION}\nAnd the square?\n\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    session = ChatSession(pipe, [str(image)])
+    replies = [session.ask(q, max_new_tokens=6, temperature=0) for q in (QUESTION, "And the square?")]
+    assert result.stdout.count("ASSISTANT: ") == 2
+    for reply in replies:
+        assert reply in result.stdout
