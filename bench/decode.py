@@ -10,7 +10,8 @@ loaded with `llava_jax.load`; the same prompt (BOS, one image, text: 297 tokens)
 - decode tok/s: (65 - 1) new tokens / (time of a 65-token generation - time of a 1-token one), so
   prefill does not blur it; x batch for the batch-8 rate.
 - roofline: decoder weight bytes read per token (layers, final norm, LM head) against the bandwidth of
-  a large float32 matrix-vector product, sampled between the batch-1 runs.
+  a large float32 matrix-vector product sampled between the batch-1 runs: its median sample (the
+  load our runs saw) and its best one (a conservative bound).
 The sides run in turn within every repeat (the machine is shared and its load drifts); every figure is
 the median of --repeats runs, and ratios are taken of the medians.
 """
@@ -123,8 +124,8 @@ def measure(runners: dict, repeats: int, bandwidth=None) -> dict:
         for name, run in runners.items():
             times[name][0].append(timed(lambda: run(SHORT), 1))
             times[name][1].append(timed(lambda: run(LONG), 1))
-        if bandwidth is not None:
-            bandwidth.sample()
+            if bandwidth is not None:
+                bandwidth.sample()
     out = {}
     for name, (short, long) in times.items():
         t_short, t_long = statistics.median(short), statistics.median(long)
@@ -148,6 +149,11 @@ class MatvecBandwidth:
 
     def median(self) -> float:
         return statistics.median(self.samples)
+
+    def best(self) -> float:
+        """The highest sample: the machine's bandwidth when the other tenants left it most (a
+        conservative roofline: it can only lower our fraction)."""
+        return max(self.samples)
 
 
 def decoder_bytes_per_token(pipe) -> int:
@@ -197,19 +203,20 @@ def main():
     if not bandwidth.samples:
         for _ in range(args.repeats):
             bandwidth.sample()
-    bandwidth = bandwidth.median()
-    roofline = bandwidth / bytes_per_token
-    print_table(results, batches, bandwidth, bytes_per_token, roofline)
+    print_table(results, batches, bandwidth, bytes_per_token)
 
 
 def rate(r: dict, batch: int) -> float:
     return batch / r["decode_s_per_token"]
 
 
-def print_table(results: dict, batches: list[int], bandwidth: float, bytes_per_token: int, roofline: float):
+def print_table(results: dict, batches: list[int], bandwidth: "MatvecBandwidth", bytes_per_token: int):
+    """The table, then one JSON line. The roofline is given for the median bandwidth sample (the
+    load our runs saw) and for the best one (a conservative bound)."""
+    rooflines = {"median": bandwidth.median() / bytes_per_token, "best": bandwidth.best() / bytes_per_token}
     rows = []
-    summary = {"bandwidth_GBps": bandwidth / 1e9, "decoder_MB_per_token": bytes_per_token / 1e6,
-               "roofline_tok_s": roofline}  # fmt: skip
+    summary = {"bandwidth_GBps_median": bandwidth.median() / 1e9, "bandwidth_GBps_best": bandwidth.best() / 1e9,
+               "decoder_MB_per_token": bytes_per_token / 1e6}  # fmt: skip
     for b in batches:
         ours, ref = results[f"jax_f32_b{b}"], results.get(f"hf_f32_b{b}")
         rows.append((f"prefill b{b} (s)", ours["prefill_s"], ref and ref["prefill_s"],
@@ -224,15 +231,18 @@ def print_table(results: dict, batches: list[int], bandwidth: float, bytes_per_t
     for name, ours, ref, ratio in rows:
         fmt = lambda v, w, p=3: f"{v:>{w}.{p}f}" if v is not None else f"{'-':>{w}}"
         print(f"{name:<28}{fmt(ours, 12)}{fmt(ref, 14)}{fmt(ratio, 9, 2)}x")
-    print(f"{'roofline b1 (tok/s)':<28}{roofline:>12.2f}   ({bytes_per_token / 1e6:.0f} MB/token at "
-          f"{bandwidth / 1e9:.1f} GB/s matvec)")  # fmt: skip
     ours_b1 = rate(results["jax_f32_b1"], 1) if "jax_f32_b1" in results else None
-    if ours_b1:
-        print(f"{'decode b1 / roofline':<28}{ours_b1 / roofline:>12.1%}", end="")
-        if "hf_f32_b1" in results:
-            print(f"{rate(results['hf_f32_b1'], 1) / roofline:>14.1%}", end="")
-        print()
-        summary["decode_b1_roofline_fraction"] = ours_b1 / roofline
+    for kind, roofline in rooflines.items():
+        gbps = roofline * bytes_per_token / 1e9
+        print(f"{'roofline b1 (tok/s), ' + kind:<28}{roofline:>12.2f}   ({bytes_per_token / 1e6:.0f} MB/token at "
+              f"{gbps:.1f} GB/s matvec)")  # fmt: skip
+        summary[f"roofline_tok_s_{kind}"] = roofline
+        if ours_b1:
+            print(f"{'decode b1 / roofline':<28}{ours_b1 / roofline:>12.1%}", end="")
+            if "hf_f32_b1" in results:
+                print(f"{rate(results['hf_f32_b1'], 1) / roofline:>14.1%}", end="")
+            print()
+            summary[f"decode_b1_roofline_fraction_{kind}"] = ours_b1 / roofline
     if "jax_bf16_b1" in results and ours_b1:
         bf16 = rate(results["jax_bf16_b1"], 1)
         print(f"{'decode b1 bfloat16 (tok/s)':<28}{bf16:>12.2f}{'':>14}{bf16 / ours_b1:>9.2f}x  (vs our float32)")
