@@ -4,9 +4,9 @@
     python infer.py --model DIR --image cat.jpg            # interactive multi-turn chat
 
 --model: what `llava_jax.load` reads: a llava-hf directory, an original LLaVA directory, or a
-directory written by `python -m llava_jax.convert` (GGUF files once `load` reads them). With --prompt, the last line printed is a JSON summary. Without it,
-each line typed is a turn (the conversation and the images' features are kept); an empty line or
-end of input ends the chat.
+directory written by `python -m llava_jax.convert` (GGUF files once `load` reads them). With
+--prompt, the last line printed is a JSON summary. Without it, each line typed is a turn (the
+conversation and the images' features are kept); an empty line or end of input ends the chat.
 """
 
 from __future__ import annotations

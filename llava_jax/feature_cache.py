@@ -15,7 +15,8 @@ import numpy as np
 def image_key(pixel_values: np.ndarray, image_size=None) -> str:
     """A digest of one image's preprocessed pixels (and its original size, which anyres reads)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(str((pixel_values.shape, str(pixel_values.dtype), None if image_size is None else tuple(image_size))).encode())
+    size = None if image_size is None else tuple(int(v) for v in image_size)
+    h.update(repr((pixel_values.shape, str(pixel_values.dtype), size)).encode())
     h.update(np.ascontiguousarray(pixel_values).tobytes())
     return h.hexdigest()
 

@@ -137,7 +137,8 @@ def attention(p: dict, h: jax.Array, cos, sin, mask, cache: LayerCache, cache_in
     k_new = k.transpose(0, 2, 1, 3).reshape(b * nk, t, hd).astype(cache.k.dtype)
     v_new = v.transpose(0, 2, 1, 3).reshape(b * nk, t, hd).astype(cache.v.dtype)
     at = (0, cache_index, 0)
-    cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k_new, at), jax.lax.dynamic_update_slice(cache.v, v_new, at))
+    cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k_new, at),
+                       jax.lax.dynamic_update_slice(cache.v, v_new, at))  # fmt: skip
     keys, values = (k_new, v_new) if fresh else (cache.k, cache.v)
     q = q.reshape(b, t, nk, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * nk, g, t, hd)
     if fresh and t >= 4 * CAUSAL_BLOCK_MIN and t % 4 == 0:
