@@ -13,7 +13,9 @@ good record is seen exactly once per epoch.
 
 Batches are laid out as `batching.py` describes: input_ids, labels, attention_mask [B, T];
 pixel_values [M, ...] with image_mask [M] and image_sizes [M, 2] (M = batch_size *
-max_images_per_example, the batch's images in reading order); example_index [B].
+max_images_per_example, the batch's images in reading order); example_index [B]. With worker
+processes, pixel_values arrives without a copy in shared memory (grain's SharedMemoryArray, an
+ndarray subclass), released when the array is garbage collected.
 
 With several hosts, each host picks T from its own rows; hosts must agree before building a global
 array: take the maximum over processes and `pad_to_length` (buckets keep the number of shapes small).
@@ -31,7 +33,6 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
-from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 from llava_jax.data import sampling
@@ -44,6 +45,7 @@ __all__ = ["DataConfig", "ImageStep", "LlavaDataset", "BatchIterator", "load_rec
 
 logger = logging.getLogger(__name__)
 
+_MIN_SHARED_MEMORY_BYTES = 1 << 20
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -236,8 +238,6 @@ class BatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch, skipped = next(self._parent)
-        # Worker batches arrive in shared memory, freed when collected; hand out ordinary arrays.
-        batch = {k: np.array(v) if isinstance(v, SharedMemoryArray) else v for k, v in batch.items()}
         for item in skipped:
             self.skipped[item.reason] += 1
             logger.warning("skipping record %d (id %r): %s", item.index, item.record_id, item.message)
@@ -330,16 +330,20 @@ class LlavaDataset:
 
     def as_grain(self) -> grain.IterDataset:
         """The grain pipeline: batch steps -> worker processes building batches."""
-        dataset = grain.MapDataset.source(self._source).map(self._maker)
+        workers = self.config.num_workers
+        maker = dataclasses.replace(self._maker, shared_memory=workers > 0)
+        dataset = grain.MapDataset.source(self._source).map(maker)
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        if self.config.num_workers > 0:
+        if workers > 0:
             if not flags.FLAGS.is_parsed():
                 # grain's worker machinery reads absl flags; outside an absl app, use their defaults.
                 flags.FLAGS.mark_as_parsed()
-            options = grain.MultiprocessingOptions(
-                num_workers=self.config.num_workers, per_worker_buffer_size=self.config.worker_buffer_size
+            # Only pixel_values is worth shared memory; the small arrays travel pickled.
+            options = grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_MEMORY_BYTES)
+            dataset = grain.experimental.WithOptionsIterDataset(dataset, options)
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=self.config.worker_buffer_size)
             )
-            dataset = dataset.mp_prefetch(options)
         return dataset
 
     def __iter__(self) -> BatchIterator:
