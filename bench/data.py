@@ -71,13 +71,6 @@ def write_records(path: str, names: list[str], seed: int = 0) -> None:
         json.dump(records, f)
 
 
-def anyres_token_count(size_hw: tuple[int, int]) -> int:
-    """Stand-in count for the benchmark (the real one comes from the model's anyres rules)."""
-    height, width = size_hw
-    rows, cols = (2, 2) if abs(height - width) < min(height, width) else (1, 3)
-    return 576 + rows * cols * 576 // 2
-
-
 class _CpuMeter:
     """CPU seconds of this process and its workers; each is sampled while alive (workers exit at the end)."""
 
@@ -137,6 +130,7 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         image_token_id=tokenizer.token_to_id("<image>"),
         image_aspect_ratio="anyres" if anyres else "pad",
         image_grid_pinpoints=PINPOINTS if anyres else None,
+        patch_merge_type="spatial_unpad" if anyres else "flat",
     )
     config = DataConfig(
         data_path=data_path,
@@ -149,7 +143,6 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
     )
     dataset = LlavaDataset(
         config, tokenizer=tokenizer, model_config=model_config, process_index=0, process_count=1,
-        num_image_tokens=anyres_token_count if anyres else None,
     )  # fmt: skip
     # Alternate the two in rounds, so that load from other processes on the machine hits both alike.
     loops, pipelines = [], []

@@ -28,6 +28,7 @@ from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 from llava_jax.data.examples import IGNORE_INDEX, BadRecord, ExampleBuilder, record_images
+from llava_jax.data.image import UnreadableImageError
 from llava_jax.data.records import RecordStore
 
 
@@ -37,7 +38,7 @@ def load_pixels(image_step: Callable, path: str, record_id: Any) -> tuple[np.nda
         return image_step(path)
     except FileNotFoundError:
         raise BadRecord("missing_image", f"image {path!r} does not exist", record_id) from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "broken file"
+    except (UnreadableImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadRecord("corrupt_image", f"image {path!r} cannot be read: {e}", record_id) from None
 
 
