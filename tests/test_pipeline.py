@@ -12,6 +12,7 @@ from PIL import Image
 from llava_jax.config import LlavaConfig, VisionConfig
 from llava_jax.data import sampling
 from llava_jax.data.examples import IGNORE_INDEX, BadRecord, ExampleBuilder, FixedImageTokens
+from llava_jax.data.image import ImageProcessor
 from llava_jax.data.pipeline import DataConfig, ImageStep, LlavaDataset, load_records, pad_to_length
 
 TOKENS_PER_IMAGE = 4  # a 28 px tile of 14 px patches
@@ -264,14 +265,20 @@ def test_modality_length_is_the_originals():
     assert sampling.modality_length({"conversations": record["conversations"]}) == -4
 
 
-def test_image_step_shapes(tmp_path):
+@pytest.mark.parametrize("aspect_ratio", ["pad", "anyres"])
+def test_image_step_is_the_model_image_processor(tmp_path, aspect_ratio):
+    """The pipeline preprocesses a file exactly as pipe.image_processor does a loaded image."""
     path = tmp_path / "wide.jpg"
-    Image.new("RGB", (640, 480), (200, 10, 10)).save(path)
-    pixels, size = ImageStep(size=336, pad_to_square=True)(str(path))
-    assert pixels.shape == (3, 336, 336) and size == (480, 640)
-    anyres = ImageStep(size=336, grid_pinpoints=((336, 672), (672, 336), (672, 672)))
-    pixels, _ = anyres(str(path))
-    assert anyres.pixel_shape == (5, 3, 336, 336) and pixels.shape[1:] == (3, 336, 336) and pixels.shape[0] <= 5
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(path)
+    pinpoints = ((336, 672), (672, 336), (672, 672)) if aspect_ratio == "anyres" else None
+    config = LlavaConfig(image_aspect_ratio=aspect_ratio, image_grid_pinpoints=pinpoints,
+                         patch_merge_type="spatial_unpad" if pinpoints else "flat")  # fmt: skip
+    step = ImageStep.from_config(config)
+    pixels, size = step(str(path))
+    expected = ImageProcessor.from_config(config)(Image.open(path))
+    assert size == (480, 640) and tuple(expected["image_sizes"][0]) == size
+    np.testing.assert_array_equal(pixels, expected["pixel_values"][0])
+    assert step.pixel_shape == ((5, 3, 336, 336) if pinpoints else (3, 336, 336))
 
 
 def test_pad_to_length():
@@ -307,3 +314,24 @@ def test_state_plugs_into_grains_checkpoint_handler(tmp_path, dataset_dir, token
     restored = handler.restore(epath.Path(tmp_path), item=iter(dataset))
     assert [b["example_index"].tolist() for b in restored] == expected
     assert restored.stats["batches"] == 2 * dataset.batches_per_epoch
+
+
+def test_anyres_batches_fit_the_model(dataset_dir, tokenizer):
+    """With an anyres model, each batch's image tokens are exactly what the model makes of its images."""
+    from llava_jax.model import anyres_merge
+
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=28, patch_size=14)
+    config = LlavaConfig(vision=vision, image_token_id=tokenizer.token_to_id("<image>"), image_aspect_ratio="anyres",
+                         image_grid_pinpoints=((28, 56), (56, 28), (56, 56)), patch_merge_type="spatial_unpad")  # fmt: skip
+    dataset = _dataset(dataset_dir, tokenizer, config, num_epochs=1, max_length=512, length_buckets=(128, 512))
+    seen_images = 0
+    for batch in dataset:
+        mask = batch["image_mask"].astype(bool)
+        seen_images += mask.sum()
+        assert batch["pixel_values"].shape[1:] == (5, 3, 28, 28)
+        if not mask.any():
+            continue
+        pixels, sizes = batch["pixel_values"][mask], batch["image_sizes"][mask]
+        index = anyres_merge.feature_index(config, sizes, pixels.shape[1], num_images=len(pixels))
+        assert (batch["input_ids"] == config.image_token_id).sum() == len(index)
+    assert seen_images > 10

@@ -24,9 +24,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 from llava_jax.data.examples import IGNORE_INDEX, BadRecord, ExampleBuilder, record_images
+from llava_jax.data.image import UnreadableImageError
 from llava_jax.data.records import RecordStore
 
 
@@ -36,7 +38,7 @@ def load_pixels(image_step: Callable, path: str, record_id: Any) -> tuple[np.nda
         return image_step(path)
     except FileNotFoundError:
         raise BadRecord("missing_image", f"image {path!r} does not exist", record_id) from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "broken file"
+    except (UnreadableImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadRecord("corrupt_image", f"image {path!r} cannot be read: {e}", record_id) from None
 
 
@@ -64,6 +66,7 @@ class BatchMaker:
     buckets: tuple[int, ...]
     pad_id: int
     raise_bad_records: bool
+    shared_memory: bool = False  # in a grain worker: build pixel_values where the main process reads it
 
     def __call__(self, element: tuple[int, np.ndarray]) -> tuple[dict[str, np.ndarray], list[Skipped]]:
         _, indices = element
@@ -101,7 +104,7 @@ class BatchMaker:
             "input_ids": np.full((self.batch_size, length), self.pad_id, np.int32),
             "labels": np.full((self.batch_size, length), IGNORE_INDEX, np.int32),
             "attention_mask": np.zeros((self.batch_size, length), np.int32),
-            "pixel_values": np.zeros((slots, *self.pixel_shape), np.float32),
+            "pixel_values": self._zeros((slots, *self.pixel_shape), np.float32),
             "image_mask": np.zeros((slots,), np.int32),
             "image_sizes": np.zeros((slots, 2), np.int32),
             "example_index": np.full((self.batch_size,), -1, np.int32),
@@ -119,6 +122,12 @@ class BatchMaker:
                 batch["image_sizes"][slot] = size
                 slot += 1
         return batch
+
+    def _zeros(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        if not self.shared_memory:
+            return np.zeros(shape, dtype)
+        # New shared memory is zero-filled; grain hands it to the main process without a copy.
+        return SharedMemoryArray(shape, dtype)
 
 
 def pad_to_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -13,7 +13,9 @@ good record is seen exactly once per epoch.
 
 Batches are laid out as `batching.py` describes: input_ids, labels, attention_mask [B, T];
 pixel_values [M, ...] with image_mask [M] and image_sizes [M, 2] (M = batch_size *
-max_images_per_example, the batch's images in reading order); example_index [B].
+max_images_per_example, the batch's images in reading order); example_index [B]. With worker
+processes, pixel_values arrives without a copy in shared memory (grain's SharedMemoryArray, an
+ndarray subclass), released when the array is garbage collected.
 
 With several hosts, each host picks T from its own rows; hosts must agree before building a global
 array: take the maximum over processes and `pad_to_length` (buckets keep the number of shapes small).
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,12 +35,12 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
-from grain.multiprocessing import SharedMemoryArray
-from PIL import Image
 
 from llava_jax.data import sampling
 from llava_jax.data.batching import BatchMaker, pad_to_length
 from llava_jax.data.examples import ExampleBuilder, FixedImageTokens
+from llava_jax.data.image import ImageProcessor, load_image
+from llava_jax.model import anyres
 from llava_jax.data.records import RecordStore, load_records
 from llava_jax.data.tokenizer import Tokenizer
 
@@ -44,8 +48,7 @@ __all__ = ["DataConfig", "ImageStep", "LlavaDataset", "BatchIterator", "load_rec
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_MIN_SHARED_MEMORY_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,78 +109,34 @@ class DataConfig:
 class ImageStep:
     """The pipeline's one image step: path -> (pixel_values, (height, width) of the original).
 
-    pixel_values: float32 [C, S, S], or [n, C, S, S] for anyres (the base image, then the tiles).
-    Stand-in until llava_jax.data.image lands: CLIP preprocessing with Pillow and numpy (optional
-    pad-to-square with the mean colour, shortest side to S bicubic, centre crop, normalize) and an
-    anyres tiling on the best-fitting (height, width) pinpoint.
+    pixel_values: float32 [C, S, S], or [n, C, S, S] for anyres (the base image, then the tiles),
+    exactly what `ImageProcessor.process_one` gives (the checkpoint's preprocessing: CLIP resize and
+    crop, LLaVA-1.5 'pad', or anyres tiling). Picklable, so grain workers can run it.
     """
 
-    size: int = 336
-    pad_to_square: bool = False
-    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
+    processor: ImageProcessor
 
     @classmethod
-    def from_config(cls, config) -> ImageStep:
-        return cls(
-            size=config.vision.image_size,
-            pad_to_square=config.image_aspect_ratio == "pad",
-            grid_pinpoints=config.image_grid_pinpoints if config.is_anyres else None,
-        )
+    def from_config(cls, config, checkpoint_dir: str | None = None) -> ImageStep:
+        """From the checkpoint's preprocessor_config.json where there is one, else from the model config."""
+        if checkpoint_dir and os.path.isfile(os.path.join(checkpoint_dir, "preprocessor_config.json")):
+            return cls(ImageProcessor.from_pretrained(checkpoint_dir, config))
+        return cls(ImageProcessor.from_config(config))
 
     @property
     def pixel_shape(self) -> tuple[int, ...]:
-        tile = (3, self.size, self.size)
-        if self.grid_pinpoints is None:
+        """The largest pixel_values one image can give (anyres: the most tiles of any pinpoint)."""
+        p = self.processor
+        if p.output_hw is None:
+            raise ValueError("the image processor's output size depends on the image (no crop, no fixed resize)")
+        tile = (3, *p.output_hw)
+        if p.aspect_ratio != "anyres":
             return tile
-        most_tiles = max((h // self.size) * (w // self.size) for h, w in self.grid_pinpoints)
-        return (1 + most_tiles, *tile)
+        pinpoints = anyres.pinpoints_hw(p.image_grid_pinpoints, p.semantics)
+        return (1 + max((h // p.tile_size) * (w // p.tile_size) for h, w in pinpoints), *tile)
 
     def __call__(self, path: str) -> tuple[np.ndarray, tuple[int, int]]:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-        size_hw = (image.height, image.width)
-        if self.grid_pinpoints is not None:
-            return np.stack([self._clip(tile) for tile in self._anyres_tiles(image)]), size_hw
-        if self.pad_to_square:
-            image = self._pad(image, max(image.size), max(image.size))
-        return self._clip(image), size_hw
-
-    def _pad(self, image: Image.Image, width: int, height: int) -> Image.Image:
-        canvas = Image.new("RGB", (width, height), tuple(int(m * 255) for m in self.mean))
-        canvas.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
-        return canvas
-
-    def _clip(self, image: Image.Image) -> np.ndarray:
-        """[3, S, S]: shortest side to S (bicubic), centre crop, rescale and normalize."""
-        scale = self.size / min(image.size)
-        width, height = max(round(image.width * scale), self.size), max(round(image.height * scale), self.size)
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-        left, top = (width - self.size) // 2, (height - self.size) // 2
-        pixels = np.asarray(image.crop((left, top, left + self.size, top + self.size)), dtype=np.float32)
-        pixels = (pixels * (1 / 255) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return pixels.transpose(2, 0, 1)
-
-    def _anyres_tiles(self, image: Image.Image) -> list[Image.Image]:
-        def score(hw):  # (effective resolution, -wasted pixels), as select_best_resolution
-            scale = min(hw[1] / image.width, hw[0] / image.height)
-            effective = min(int(image.width * scale) * int(image.height * scale), image.width * image.height)
-            return effective, -(hw[0] * hw[1] - effective)
-
-        height, width = max(self.grid_pinpoints, key=score)
-        scale = min(width / image.width, height / image.height)
-        resized = image.resize(
-            (max(int(image.width * scale), 1), max(int(image.height * scale), 1)), Image.Resampling.BICUBIC
-        )
-        canvas = Image.new("RGB", (width, height), (0, 0, 0))
-        canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
-        tiles = [
-            canvas.crop((x, y, x + self.size, y + self.size))
-            for y in range(0, height, self.size)
-            for x in range(0, width, self.size)
-        ]
-        return [image.resize((self.size, self.size), Image.Resampling.BICUBIC), *tiles]
+        return self.processor.process_one(load_image(path))
 
 
 # -- the dataset ---------------------------------------------------------------------------------
@@ -236,8 +195,6 @@ class BatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch, skipped = next(self._parent)
-        # Worker batches arrive in shared memory, freed when collected; hand out ordinary arrays.
-        batch = {k: np.array(v) if isinstance(v, SharedMemoryArray) else v for k, v in batch.items()}
         for item in skipped:
             self.skipped[item.reason] += 1
             logger.warning("skipping record %d (id %r): %s", item.index, item.record_id, item.message)
@@ -292,9 +249,10 @@ class LlavaDataset:
                 raise ValueError("pass pixel_shape for an image_step without a pixel_shape attribute")
             pixel_shape = tuple(image_step.pixel_shape)
         if num_image_tokens is None:
-            if model_config.is_anyres:
-                raise ValueError("anyres models need num_image_tokens=(height, width) -> count")
-            num_image_tokens = FixedImageTokens(model_config.tokens_per_tile)
+            if model_config.is_anyres:  # the model's own count for an image of that size
+                num_image_tokens = functools.partial(anyres.num_image_tokens, model_config)
+            else:
+                num_image_tokens = FixedImageTokens(model_config.tokens_per_tile)
         if tokenizer.pad_id is None:
             raise ValueError("the tokenizer declares neither a pad nor an unk token to pad batches with")
         self.config = config
@@ -330,16 +288,20 @@ class LlavaDataset:
 
     def as_grain(self) -> grain.IterDataset:
         """The grain pipeline: batch steps -> worker processes building batches."""
-        dataset = grain.MapDataset.source(self._source).map(self._maker)
+        workers = self.config.num_workers
+        maker = dataclasses.replace(self._maker, shared_memory=workers > 0)
+        dataset = grain.MapDataset.source(self._source).map(maker)
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        if self.config.num_workers > 0:
+        if workers > 0:
             if not flags.FLAGS.is_parsed():
                 # grain's worker machinery reads absl flags; outside an absl app, use their defaults.
                 flags.FLAGS.mark_as_parsed()
-            options = grain.MultiprocessingOptions(
-                num_workers=self.config.num_workers, per_worker_buffer_size=self.config.worker_buffer_size
+            # Only pixel_values is worth shared memory; the small arrays travel pickled.
+            options = grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_MEMORY_BYTES)
+            dataset = grain.experimental.WithOptionsIterDataset(dataset, options)
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=self.config.worker_buffer_size)
             )
-            dataset = dataset.mp_prefetch(options)
         return dataset
 
     def __iter__(self) -> BatchIterator:

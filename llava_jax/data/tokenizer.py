@@ -170,16 +170,21 @@ class _TokenizerFiles:
                 f"{directory} has neither tokenizer.model nor tokenizer.json; point at the checkpoint directory "
                 "that holds the tokenizer files"
             )
+        self._parsed: dict[str, Any] = {}
         self.config = self.read_json("tokenizer_config.json") or {}
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
     def read_json(self, name: str) -> Any:
-        if not os.path.isfile(self.path(name)):
-            return None
-        with open(self.path(name), encoding="utf-8") as f:
-            return json.load(f)
+        """The parsed file, or None where the directory lacks it (each file is parsed once)."""
+        if name not in self._parsed:
+            if os.path.isfile(self.path(name)):
+                with open(self.path(name), encoding="utf-8") as f:
+                    self._parsed[name] = json.load(f)
+            else:
+                self._parsed[name] = None
+        return self._parsed[name]
 
 
 def _llama_backend(files: _TokenizerFiles, config: dict) -> tuple[tokenizers.Tokenizer, list[tokenizers.AddedToken]]:
