@@ -26,6 +26,7 @@ from flax import nnx
 from llava_jax.data.prepare import PromptTooLong
 from llava_jax.model import decode_layout
 from llava_jax.model.decode_layout import LayerCache
+from llava_jax.model.decoder import KVCache
 from llava_jax.samplers import Greedy, Sampling
 
 Sampler = Greedy | Sampling
@@ -34,7 +35,7 @@ Sampler = Greedy | Sampling
 class DecodeState(NamedTuple):
     """Everything the decode loop carries. B rows, S cache slots, N slots for new tokens."""
 
-    caches: tuple[LayerCache, ...]  # per layer k, v: [B * K, S, hd]
+    caches: tuple[LayerCache, ...] | KVCache  # "copy": per layer [B * K, S, hd]; "scanned": [L, B, S, K, hd]
     tokens: jax.Array  # [B, N] int32 generated ids; pad_id after a row is done
     kv_valid: jax.Array  # [B, S] bool: the prompt's attention mask, then True for generated slots
     prompt_tokens: jax.Array  # [B] int32 real (unpadded) prompt length: the RoPE position of token 0
@@ -87,38 +88,76 @@ def _sample(sampler: Sampler, logits, rng, step, done, eos_ids, pad_id):
     return token, done | jnp.isin(token, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
 
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, dparams: dict, input_ids: jax.Array,
+# -- the two weight layouts ----------------------------------------------------------------------
+# "copy": the decoder's weights copied once into `decode_layout` (unstacked, [out, in]), which
+#   XLA:CPU streams at close to memory bandwidth; it costs a second copy of the decoder's weights.
+# "scanned": the model's own stacked weights and `Decoder.__call__` with its KVCache; no copy. On GPU
+#   and TPU, XLA reads a scanned layer's weights in place, so this is the default there.
+LAYOUTS = ("copy", "scanned")
+
+
+def default_layout() -> str:
+    return "copy" if jax.default_backend() == "cpu" else "scanned"
+
+
+def _embed(model, dparams, ids: jax.Array) -> jax.Array:
+    if dparams is None:
+        return model.decoder.embed_tokens(ids)
+    return decode_layout.embed_lookup(dparams, ids).astype(jnp.dtype(model.cfg.dtype))
+
+
+def _empty_caches(model, dparams, batch: int, length: int, dtype):
+    if dparams is None:
+        return KVCache.zeros(model.cfg.text, batch, length, dtype)
+    return decode_layout.empty_caches(model.cfg.text, batch, length, dtype)
+
+
+def _forward(model, dparams, x, positions, kv_valid, caches, cache_index, *, fresh, pad_columns):
+    """x: [B, T, D] -> (final-normed hidden [B, T, D], caches), in either layout."""
+    if dparams is None:
+        return model.decoder(x, positions, kv_valid, caches, cache_index)
+    return decode_layout.forward(dparams, model.cfg.text, x, positions, kv_valid, caches, cache_index, fresh=fresh,
+                                 pad_columns=pad_columns)  # fmt: skip
+
+
+def _logits(model, dparams, hidden: jax.Array, *, pad_columns: bool) -> jax.Array:
+    """hidden: [B, D] -> float32 logits [B, V]."""
+    if dparams is None:
+        return model.decoder.logits(hidden[:, None])[:, 0]
+    return decode_layout.logits(dparams, hidden, pad_columns=pad_columns)
+
+
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, dparams: dict | None, input_ids: jax.Array,
             attention_mask: jax.Array, features: jax.Array | None, rng: jax.Array, *, num_new: int,
             sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int, pad_columns: bool,
             cache_dtype=None) -> DecodeState:  # fmt: skip
     """Runs the prompts through the decoder into fresh caches and samples the first new token.
 
-    params: the LlavaModel's state (for the embeddings); dparams: `decode_layout.decode_params`.
-    input_ids, attention_mask: [B, T] left-padded; features: [M, D] image features (M >= the image
-    tokens in input_ids) or None. The caches get T + num_new slots.
+    params: the LlavaModel's state; dparams: `decode_layout.decode_params` ("copy" layout) or None
+    ("scanned"). input_ids, attention_mask: [B, T] left-padded; features: [M, D] image features
+    (M >= the image tokens in input_ids) or None. The caches get T + num_new slots.
     """
     model = nnx.merge(graphdef, params)
-    cfg = model.cfg.text
     b, t = input_ids.shape
     mask = attention_mask.astype(bool)
     positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
     kv_valid = jnp.concatenate([mask, jnp.ones((b, num_new), bool)], axis=1)
-    caches = decode_layout.empty_caches(cfg, b, t + num_new, cache_dtype or jnp.dtype(model.cfg.dtype))
-    hidden, caches = decode_layout.forward(dparams, cfg, model.embed(input_ids, features), positions, kv_valid,
-                                           caches, 0, fresh=True, pad_columns=pad_columns)  # fmt: skip
-    logits = decode_layout.logits(dparams, hidden[:, -1], pad_columns=pad_columns)
+    caches = _empty_caches(model, dparams, b, t + num_new, cache_dtype or jnp.dtype(model.cfg.dtype))
+    hidden, caches = _forward(model, dparams, model.embed(input_ids, features), positions, kv_valid, caches, 0,
+                              fresh=True, pad_columns=pad_columns)  # fmt: skip
+    logits = _logits(model, dparams, hidden[:, -1], pad_columns=pad_columns)
     done = jnp.zeros((b,), bool)
     token, done = _sample(sampler, logits, rng, 0, done, eos_ids, pad_id)
     tokens = jnp.full((b, num_new), pad_id, jnp.int32).at[:, 0].set(token)
     return DecodeState(caches, tokens, kv_valid, mask.sum(-1).astype(jnp.int32), jnp.int32(1), done, rng)
 
 
-def decode(config, dparams: dict, state: DecodeState, limit: jax.Array, *, sampler: Sampler,
-           eos_ids: tuple[int, ...], pad_id: int, pad_columns: bool) -> DecodeState:  # fmt: skip
+def decode(graphdef: nnx.GraphDef, params: nnx.State, dparams: dict | None, state: DecodeState, limit: jax.Array,
+           *, sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int, pad_columns: bool) -> DecodeState:  # fmt: skip
     """Generates tokens until `state.step` reaches `limit` (<= N) or every row is done.
 
-    config: the LlavaConfig; dparams: `decode_layout.decode_params`."""
-    cfg, cfg_dtype = config.text, jnp.dtype(config.dtype)
+    params: the LlavaModel's state; dparams: as for `prefill`."""
+    model = nnx.merge(graphdef, params)
     prompt_length = state.kv_valid.shape[1] - state.tokens.shape[1]
 
     def cond(s: DecodeState):
@@ -126,11 +165,10 @@ def decode(config, dparams: dict, state: DecodeState, limit: jax.Array, *, sampl
 
     def body(s: DecodeState) -> DecodeState:
         last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
-        x = decode_layout.embed_lookup(dparams, last).astype(cfg_dtype)  # [B, 1, D]
         positions = (s.prompt_tokens + s.step - 1)[:, None]
-        hidden, caches = decode_layout.forward(dparams, cfg, x, positions, s.kv_valid, s.caches,
-                                               prompt_length + s.step - 1, pad_columns=pad_columns)  # fmt: skip
-        logits = decode_layout.logits(dparams, hidden[:, 0], pad_columns=pad_columns)
+        hidden, caches = _forward(model, dparams, _embed(model, dparams, last), positions, s.kv_valid, s.caches,
+                                  prompt_length + s.step - 1, fresh=False, pad_columns=pad_columns)  # fmt: skip
+        logits = _logits(model, dparams, hidden[:, 0], pad_columns=pad_columns)
         token, done = _sample(sampler, logits, s.rng, s.step, s.done, eos_ids, pad_id)
         tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
         return s._replace(caches=caches, tokens=tokens, step=s.step + 1, done=done)
@@ -143,11 +181,16 @@ class Generator:
 
     graphdef, params_fn() -> state: the split LlavaModel (the state is read at each call, so the
     owner may replace it); config: its LlavaConfig; decode_text: ids -> str, for stop strings only.
-    The decoder's weights are also kept in decode layout (`decode_layout`): a second copy.
+    layout: "copy" keeps the decoder's weights a second time in `decode_layout` (fast on CPU),
+    "scanned" runs the model's own weights (no copy); "auto" picks by backend (`default_layout`).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params_fn: Callable[[], nnx.State], config, *, pad_id: int = 0,
-                 decode_text: Callable[[list[int]], str] | None = None):  # fmt: skip
+                 decode_text: Callable[[list[int]], str] | None = None, layout: str = "auto"):  # fmt: skip
+        layout = default_layout() if layout == "auto" else layout
+        if layout not in LAYOUTS:
+            raise ValueError(f"generation layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.params_fn = params_fn
         self.config = config
         self.max_length = self.config.text.max_position_embeddings
@@ -158,18 +201,22 @@ class Generator:
         # XLA:CPU runs one-column half-precision products on a slow path, and converts half-precision
         # caches to float32 for attention at every step (see decode_layout). A float32 cache holds
         # the same (bfloat16-valued) keys exactly.
-        self.pad_columns = on_cpu and dtype.itemsize == 2
-        self.cache_dtype = jnp.dtype(jnp.float32) if on_cpu else dtype
+        copy = layout == "copy"
+        self.pad_columns = copy and on_cpu and dtype.itemsize == 2
+        self.cache_dtype = jnp.dtype(jnp.float32) if copy and on_cpu else dtype
         self._dparams = None
         self._dparams_source = None
         static = ("sampler", "eos_ids", "pad_id", "pad_columns")
         self._prefill = jax.jit(functools.partial(prefill, graphdef),
                                 static_argnames=("num_new", "cache_dtype") + static)  # fmt: skip
-        self._decode = jax.jit(functools.partial(decode, self.config), donate_argnames=("state",),
+        self._decode = jax.jit(functools.partial(decode, graphdef), donate_argnames=("state",),
                                static_argnames=static)  # fmt: skip
 
-    def decode_params(self) -> dict:
-        """The decoder's weights in decode layout, rebuilt when the model's state object changes."""
+    def decode_params(self) -> dict | None:
+        """The decoder's weights in decode layout, rebuilt when the model's state object changes
+        (None for the "scanned" layout, which reads the model's own)."""
+        if self.layout == "scanned":
+            return None
         params = self.params_fn()
         if self._dparams_source is not params:
             self._dparams = None  # free the old copy first
@@ -237,8 +284,8 @@ class Generator:
             if any(f and not d for f, d in zip(finished, done)):  # stopped by a stop string
                 state = state._replace(done=jnp.asarray(np.array(finished) | done))
             limit = budget if chunk is None else min(budget, step + chunk)
-            state = self._decode(self.decode_params(), state, jnp.int32(limit), sampler=sampler, eos_ids=eos_ids,
-                                 pad_id=self.pad_id, pad_columns=self.pad_columns)  # fmt: skip
+            state = self._decode(self.params_fn(), self.decode_params(), state, jnp.int32(limit), sampler=sampler,
+                                 eos_ids=eos_ids, pad_id=self.pad_id, pad_columns=self.pad_columns)  # fmt: skip
 
     def generate(self, rows: list[np.ndarray], features: jax.Array | None = None, **kwargs) -> list[list[int]]:
         """Each row's new ids (see `stream`), computed with as few host round trips as possible."""

@@ -112,25 +112,29 @@ def load_tokenizer_if_present(directory: str):
     return load_tokenizer(directory)
 
 
-def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_tower: str | None = None) -> "Pipeline":
+def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_tower: str | None = None,
+         generation_layout: str = "auto") -> "Pipeline":  # fmt: skip
     """A Pipeline for a llava-hf, original LLaVA, or llava_jax model directory.
 
     dtype: parameters and activations ("float32" for exact parity, "bfloat16" for speed).
     mesh: a jax Mesh with axes from (data, fsdp, tensor); parameters are laid out on it directly.
     vision_tower: for an original LLaVA checkpoint, its CLIP directory (default: config.json's
     mm_vision_tower, a path absolute or relative to the checkpoint directory).
+    generation_layout: "copy" (a second, decode-friendly copy of the decoder's weights: fast on CPU),
+    "scanned" (the model's own weights, no extra memory) or "auto" (copy on CPU, scanned elsewhere).
     """
     model, config = load_model(path, dtype, mesh, vision_tower=vision_tower)
     image_processor = load_image_processor(side_directory(path, vision_tower), config)
     return Pipeline(model, config, mesh=mesh, directory=path, tokenizer=load_tokenizer_if_present(path),
-                    image_processor=image_processor)  # fmt: skip
+                    image_processor=image_processor, generation_layout=generation_layout)  # fmt: skip
 
 
 class Pipeline:
     """A loaded model and everything needed to run it (DESIGN.md, "Public interface")."""
 
     def __init__(self, model: LlavaModel, config: LlavaConfig, mesh: Mesh | None = None,
-                 directory: str | None = None, tokenizer=None, image_processor=None):  # fmt: skip
+                 directory: str | None = None, tokenizer=None, image_processor=None,
+                 generation_layout: str = "auto"):  # fmt: skip
         self.config = config
         self.mesh = mesh
         self.directory = directory
@@ -144,7 +148,8 @@ class Pipeline:
         if pad_id is None or pad_id < 0 or pad_id == config.image_token_id:
             pad_id = 0 if config.image_token_id != 0 else 1  # padding is masked: any id but the image token
         self._generator = Generator(self._graphdef, lambda: self._state, config, pad_id=pad_id,
-                                    decode_text=tokenizer.decode if tokenizer is not None else None)  # fmt: skip
+                                    decode_text=tokenizer.decode if tokenizer is not None else None,
+                                    layout=generation_layout)  # fmt: skip
 
     @property
     def model(self) -> LlavaModel:

@@ -84,6 +84,20 @@ def test_greedy_batch_matches_transformers(llama, batch):
     assert len({tuple(r) for r in expected}) == 3 and all(len(set(r)) > 3 for r in expected)  # a real test
 
 
+def test_scanned_layout_matches_transformers(llama, batch, tmp_path):
+    """The "scanned" layout (the model's own weights, no copy: the default off CPU) generates the same
+    tokens, sliding window included."""
+    model, pipe = llama
+    scanned = llava_jax.load(pipe.directory, dtype="float32", generation_layout="scanned")
+    assert scanned._generator.layout == "scanned" and scanned._generator.decode_params() is None
+    rows, pixels = batch
+    assert scanned.generate(rows, pixels, max_new_tokens=NEW) == hf_generate(model, rows, pixels)
+    mistral = R.build_llava(R.llava_hf_config(text_model="mistral", text=dict(sliding_window=6)), seed=2, scale=0.5)
+    text_rows = [[1] + list(np.random.default_rng(1).integers(3, 90, n)) for n in (9, 4, 40)]
+    ours = llava_jax.load(R.save(mistral, str(tmp_path)), dtype="float32", generation_layout="scanned")
+    assert ours.generate(text_rows, max_new_tokens=NEW, eos_ids=()) == hf_generate(mistral, text_rows)
+
+
 def test_eos_ends_each_row_as_transformers(llama, batch):
     model, pipe = llama
     rows, pixels = batch
