@@ -194,7 +194,8 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("clip", "anyres", "both"), default="both")
-    parser.add_argument("--images", type=int, default=192, help="640x480 JPEGs to write and read")
+    parser.add_argument("--images", type=int, default=768,
+                        help="640x480 JPEGs to write and read (enough that start-up and the epoch's tail do not dominate)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating loop/pipeline measurements")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
