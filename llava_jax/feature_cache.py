@@ -24,8 +24,8 @@ def image_key(pixel_values: np.ndarray, image_size=None) -> str:
 class ImageFeatureCache:
     """Image features per image, least recently used dropped beyond `capacity` images.
 
-    compute(pixel_values [1, ...] float32, image_sizes [1, 2] or None) -> features [F, D]: runs the
-    vision tower and projector on one image.
+    compute(pixel_values [n, ...] float32, image_sizes [n, 2] or None) -> a list of n features [F_i, D]:
+    runs the vision tower and projector once on the images that are not cached yet.
     """
 
     def __init__(self, compute: Callable[[np.ndarray, np.ndarray | None], jax.Array], capacity: int = 16):
@@ -43,15 +43,16 @@ class ImageFeatureCache:
         """All images' features in order: pixel_values [N, ...] -> [M, D] (M = the sum of F)."""
         pixel_values = np.asarray(pixel_values, np.float32)
         sizes = None if image_sizes is None else np.asarray(image_sizes).reshape(len(pixel_values), -1)
-        rows = []
-        for i in range(len(pixel_values)):
-            one, size = pixel_values[i : i + 1], None if sizes is None else sizes[i : i + 1]
-            key = image_key(one, None if size is None else size[0])
-            if key in self._entries:
-                self._entries.move_to_end(key)
-            else:
-                self._entries[key] = self.compute(one, size)
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
-            rows.append(self._entries[key])
+        keys = [image_key(pixel_values[i], None if sizes is None else sizes[i]) for i in range(len(pixel_values))]
+        missing = [i for i, key in enumerate(keys) if key not in self._entries and key not in keys[:i]]
+        computed = {}
+        if missing:  # one batched run of the vision tower for every new image
+            features = self.compute(pixel_values[missing], None if sizes is None else sizes[missing])
+            computed = {keys[i]: f for i, f in zip(missing, features, strict=True)}
+        rows = [computed[key] if key in computed else self._entries[key] for key in keys]
+        for key in keys:  # most recently used last; the oldest beyond capacity dropped
+            self._entries[key] = computed.get(key, self._entries.get(key))
+            self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
         return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)

@@ -24,7 +24,7 @@ from llava_jax.data.image import ImageProcessor
 from llava_jax.data.prepare import prepare_inputs
 from llava_jax.feature_cache import ImageFeatureCache
 from llava_jax.generate import Generator, prompt_rows
-from llava_jax.model import anyres_merge
+from llava_jax.model import anyres, anyres_merge
 from llava_jax.model.llava import LlavaModel, check_image_tokens
 from llava_jax.samplers import make_sampler
 
@@ -222,16 +222,20 @@ class Pipeline:
 
         return image_features
 
-    def _compute_image_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray | None) -> jax.Array:
-        """One image's features [F, D] (pixel_values [1, ...]); the vision tower runs here."""
-        feature_index, count = None, None
-        if self.config.is_anyres:  # the token layout, on the host; one compiled shape per tile count
-            feature_index = anyres_merge.padded_feature_index(self.config, image_sizes, pixel_values.shape[1], 1)
-            count = anyres_merge.count_features(feature_index)
+    def _compute_image_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray | None) -> list[jax.Array]:
+        """Each image's features [F_i, D] (pixel_values [n, ...]); the vision tower runs here, once."""
+        n = len(pixel_values)
+        feature_index = None
+        counts = [self.config.tokens_per_tile] * n
+        if self.config.is_anyres:  # the token layout, on the host; one compiled shape per (n, tile count)
+            feature_index = anyres_merge.padded_feature_index(self.config, image_sizes, pixel_values.shape[1], n)
+            counts = [anyres.num_image_tokens(self.config, size) for size in image_sizes]
             feature_index = jnp.asarray(feature_index)
         with self._mesh_context():
             pixels = self._device_input(pixel_values, ("batch",) + (None,) * (pixel_values.ndim - 1))
-            return self._image_features_fn(self._state, pixels, feature_index)[:count]
+            features = self._image_features_fn(self._state, pixels, feature_index)
+        starts = np.cumsum([0, *counts])
+        return [features[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()

@@ -216,9 +216,9 @@ def test_stream_yields_the_same_tokens_one_at_a_time(llama, batch):
 def test_vision_tower_runs_once_per_image(llama, batch):
     _, pipe = llama
     rows, pixels = batch
-    calls = []
+    calls = []  # one entry per image the vision tower runs on
     compute = pipe.feature_cache.compute
-    pipe.feature_cache.compute = lambda *a: calls.append(1) or compute(*a)
+    pipe.feature_cache.compute = lambda pixels, sizes: calls.extend([1] * len(pixels)) or compute(pixels, sizes)
     try:
         pipe.feature_cache.clear()
         first = pipe.generate(rows[:1], pixels[:1], max_new_tokens=3, eos_ids=())
@@ -228,6 +228,8 @@ def test_vision_tower_runs_once_per_image(llama, batch):
         assert pipe.generate(rows[:1], pixels[:1], max_new_tokens=3, eos_ids=()) == first
         pipe.generate(rows[1:2], pixels[1:2], max_new_tokens=3, eos_ids=())
         assert len(calls) == 2
+        pipe.generate(rows, pixels, max_new_tokens=3, eos_ids=())  # two cached, one new: one batched run
+        assert len(calls) == 3
     finally:
         pipe.feature_cache.compute = compute
 

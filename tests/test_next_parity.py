@@ -209,3 +209,24 @@ def test_published_next_configs(name):
 
     _, state = abstract_model(cfg)
     assert sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(state)) == expected
+
+
+@pytest.mark.parametrize("layout", ["copy", "scanned"])
+def test_greedy_generation_matches_transformers(tmp_path_factory, layout):
+    """A left-padded batch: two images of different sizes in row 0, one in row 1; 24 greedy tokens."""
+    hf_model = R.build_llava(R.llava_next_hf_config(), seed=3, scale=0.5)
+    directory = R.save(hf_model, str(tmp_path_factory.mktemp(f"next-gen-{layout}")))
+    pipe = llava_jax.load(directory, dtype="float32", generation_layout=layout)
+    pixels, image_sizes = processed([SIZES["wide"], SIZES["small"], SIZES["huge"]])
+    counts = [anyres.num_image_tokens(pipe.config, s) for s in image_sizes]
+    rng = np.random.default_rng(4)
+    rows = [sequence(rng, pipe.config.image_token_id, counts[:2]), sequence(rng, pipe.config.image_token_id, counts[2:])]
+    width = max(map(len, rows))
+    ids = np.stack([np.pad(r, (width - len(r), 0), constant_values=R.PAD_TOKEN) for r in rows])
+    mask = np.stack([np.arange(width) >= width - len(r) for r in rows]).astype(np.int64)
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                                pixel_values=torch.as_tensor(pixels), image_sizes=torch.as_tensor(image_sizes),
+                                max_new_tokens=24, do_sample=False, pad_token_id=R.PAD_TOKEN, eos_token_id=None)  # fmt: skip
+    expected = out[:, width:].tolist()
+    assert pipe.generate(ids, pixels, image_sizes, attention_mask=mask, max_new_tokens=24, eos_ids=()) == expected
