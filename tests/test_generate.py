@@ -15,6 +15,7 @@ from flax import nnx
 
 import llava_jax
 from llava_jax import samplers
+from llava_jax import sharding as shd
 from llava_jax.data.prepare import PromptTooLong
 from llava_jax.generate import bucket, cut_at_stop, find_stop
 from llava_jax.model import decode_layout
@@ -211,6 +212,21 @@ def test_stream_yields_the_same_tokens_one_at_a_time(llama, batch):
     assert len(chunks) == 10 and all(len(c) == 1 for step in chunks for c in step)
     joined = [sum((step[i] for step in chunks), []) for i in range(3)]
     assert joined == pipe.generate(rows, pixels, max_new_tokens=10, eos_ids=())
+
+
+@pytest.mark.parametrize("layout", ["copy", "scanned"])
+def test_generation_on_a_mesh_equals_one_device(llama, batch, layout):
+    """Parameters laid out over (data, fsdp, tensor): the same tokens, generated and streamed."""
+    model, pipe = llama
+    rows, pixels = batch
+    rows, pixels = rows + rows[:1], np.concatenate([pixels, pixels[:1]])  # 4 rows: the data axis divides them
+    expected = pipe.generate(rows, pixels, max_new_tokens=12, eos_ids=())
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = llava_jax.load(pipe.directory, dtype="float32", mesh=mesh, generation_layout=layout)
+    assert sharded._generator.layout == layout
+    assert sharded.generate(rows, pixels, max_new_tokens=12, eos_ids=()) == expected
+    steps = list(sharded.generate_stream(rows, pixels, max_new_tokens=5, eos_ids=()))
+    assert [sum((step[i] for step in steps), []) for i in range(4)] == [r[:5] for r in expected]
 
 
 def test_vision_tower_runs_once_per_image(llama, batch):
