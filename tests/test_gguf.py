@@ -262,3 +262,18 @@ def test_infer_runs_a_gguf_pair(tokenizer_model, tmp_path):
                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
                              timeout=300)  # fmt: skip
     assert missing.returncode == 2 and "mmproj" in missing.stderr
+
+
+def test_convert_gguf_to_orbax_keeps_weights_tokenizer_and_preprocessing(tokenizer_model, tmp_path):
+    from llava_jax.convert import convert
+
+    _, (model_path, mmproj_path) = tokenizer_model
+    out = str(tmp_path / "converted")
+    convert(model_path, out, "float32", progress=False, mmproj=mmproj_path)
+    a, b = llava_jax.load(model_path, mmproj=mmproj_path, dtype="float32"), llava_jax.load(out, dtype="float32")
+    assert a.config == b.config and a.image_processor == b.image_processor
+    for text in TEXTS:
+        assert a.tokenizer.encode(text) == b.tokenizer.encode(text), text
+    la, lb = leaves(a), leaves(b)
+    for k in la:
+        np.testing.assert_array_equal(la[k], lb[k], err_msg=k)

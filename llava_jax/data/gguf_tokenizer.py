@@ -61,8 +61,9 @@ def tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def tokenizer_from_gguf(metadata: dict[str, Any], source: str = "GGUF file") -> Tokenizer:
-    """The Tokenizer of a GGUF language model's metadata (keys -> Python values)."""
+def write_tokenizer_files(metadata: dict[str, Any], directory: str, source: str = "GGUF file") -> None:
+    """Writes tokenizer.model and tokenizer_config.json for a GGUF language model's metadata (keys -> Python
+    values) into `directory`; `load_tokenizer(directory)` then reads them."""
     model = metadata.get("tokenizer.ggml.model")
     if model != "llama":
         raise NotImplementedError(
@@ -75,9 +76,14 @@ def tokenizer_from_gguf(metadata: dict[str, Any], source: str = "GGUF file") -> 
     config = tokenizer_config(metadata)
     proto = sentencepiece_proto(metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.scores"],
                                 metadata["tokenizer.ggml.token_type"], add_space_prefix=config["add_prefix_space"])  # fmt: skip
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(proto)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def tokenizer_from_gguf(metadata: dict[str, Any], source: str = "GGUF file") -> Tokenizer:
+    """The Tokenizer of a GGUF language model's metadata (keys -> Python values)."""
     with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as directory:
-        with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
-            f.write(proto)
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f)
+        write_tokenizer_files(metadata, directory, source)
         return load_tokenizer(directory)
