@@ -2,9 +2,11 @@
 
     python infer.py --model DIR --image cat.jpg --prompt "What is in the picture?"
     python infer.py --model DIR --image cat.jpg            # interactive multi-turn chat
+    python infer.py --model llava-v1.5-7b-Q4_K.gguf --mmproj mmproj-model-f16.gguf --image cat.jpg
 
---model: what `llava_jax.load` reads: a llava-hf directory, an original LLaVA directory, or a
-directory written by `python -m llava_jax.convert` (GGUF files once `load` reads them). With
+--model: what `llava_jax.load` reads: a llava-hf directory, an original LLaVA directory, a
+directory written by `python -m llava_jax.convert`, or a llama.cpp GGUF language model (its
+projector via --mmproj; or a directory holding the two .gguf files). With
 --prompt, the last line printed is a JSON summary. Without it, each line typed is a turn (the
 conversation and the images' features are kept); an empty line or end of input ends the chat.
 """
@@ -18,7 +20,9 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "checkpoint directory (llava-hf, original LLaVA, or llava_jax)", required=True)
+flags.DEFINE_string("model", None, "checkpoint: a llava-hf, original LLaVA or llava_jax directory, or a llama.cpp "
+                    "GGUF language model (.gguf, with --mmproj)", required=True)  # fmt: skip
+flags.DEFINE_string("mmproj", None, "GGUF only: the multimodal projector file (mmproj-*.gguf) of --model")
 flags.DEFINE_multi_string("image", [], "image file; repeat for several images (one per <image> tag)")
 flags.DEFINE_string("prompt", None, "the question; without it, an interactive chat")
 flags.DEFINE_string("template", "auto", "conversation template (vicuna_v1, llava_v1, mistral_instruct, "
@@ -61,7 +65,7 @@ def main(argv):
         from llava_jax.data.image import load_image
 
         images = [load_image(path) for path in FLAGS.image]  # fail on a bad image before loading the model
-        pipe = llava_jax.load(FLAGS.model, dtype=FLAGS.dtype)
+        pipe = llava_jax.load(FLAGS.model, dtype=FLAGS.dtype, mmproj=FLAGS.mmproj)
         session = ChatSession(pipe, images, None if FLAGS.template == "auto" else FLAGS.template)
         if FLAGS.prompt is not None:
             summary = answer(session, FLAGS.prompt, sampling)

@@ -2,6 +2,7 @@
 
     python -m llava_jax.convert --src llava-1.5-7b-hf --out llava15-7b-jax [--dtype bfloat16]
     python -m llava_jax.convert --src llava-v1.5-7b --vision_tower clip-vit-large-patch14-336 --out ...
+    python -m llava_jax.convert --src llava-v1.5-7b-Q4_K_M.gguf --mmproj mmproj-model-f16.gguf --out ...
 
 Tensors are read one at a time and cast to --dtype, so a 7B checkpoint converts to bfloat16 within
 about 16 GB of memory. The last line printed is a JSON summary.
@@ -21,23 +22,27 @@ from flax import nnx
 from llava_jax.checkpoints import orbax
 from llava_jax.pipeline import checkpoint_kind, load_model, side_directory
 
-_SRC = flags.DEFINE_string("src", None, "llava-hf or original LLaVA checkpoint directory.")
+_SRC = flags.DEFINE_string("src", None, "llava-hf or original LLaVA checkpoint directory, or a GGUF language model.")
 _VISION_TOWER = flags.DEFINE_string("vision_tower", None, "Original LLaVA only: the CLIP directory "
                                     "(default: config.json's mm_vision_tower).")  # fmt: skip
+_MMPROJ = flags.DEFINE_string("mmproj", None, "GGUF only: the multimodal projector file of --src.")
 _OUT = flags.DEFINE_string("out", None, "Output directory; must not hold a model yet.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
 
 
 def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
-            vision_tower: str | None = None) -> dict:  # fmt: skip
+            vision_tower: str | None = None, mmproj: str | None = None) -> dict:  # fmt: skip
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("--out must differ from --src")
-    if checkpoint_kind(src) == "llava_jax":
+    kind = checkpoint_kind(src)
+    if kind == "llava_jax":
         raise ValueError(f"{src} is already a llava_jax model directory")
-    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower)
+    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
     state = nnx.state(model)
-    orbax.save_model_dir(out, state, config, copy_from=src)
+    orbax.save_model_dir(out, state, config, copy_from=None if kind == "gguf" else src)
+    if kind == "gguf":
+        write_gguf_side_files(src, mmproj, out)
     preprocessor = os.path.join(side_directory(src, vision_tower), "preprocessor_config.json")
     if not os.path.exists(os.path.join(out, "preprocessor_config.json")) and os.path.isfile(preprocessor):
         shutil.copy2(preprocessor, out)  # an original checkpoint's lives in its CLIP directory
@@ -45,12 +50,28 @@ def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
     return {"src": src, "out": out, "dtype": dtype, "parameters": int(n_params), "seconds": round(time.time() - start, 1)}
 
 
+def write_gguf_side_files(src: str, mmproj: str | None, out: str) -> None:
+    """The tokenizer (tokenizer.model + tokenizer_config.json) and preprocessor_config.json (mean, std)
+    of a GGUF pair, so that `load(out)` gets what `load(src, mmproj=...)` gets."""
+    from llava_jax.checkpoints import gguf
+    from llava_jax.checkpoints.gguf_file import GGUFFile
+    from llava_jax.data.gguf_tokenizer import write_tokenizer_files
+
+    model_path, mmproj_path = gguf.find_pair(src, mmproj)
+    metadata = GGUFFile(model_path).metadata
+    if "tokenizer.ggml.model" in metadata:
+        write_tokenizer_files(metadata, out, model_path)
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump(gguf.image_processor_overrides(GGUFFile(mmproj_path)), f, indent=2)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     if not _SRC.value or not _OUT.value:
         raise app.UsageError("--src and --out are required")
-    print(json.dumps(convert(_SRC.value, _OUT.value, _DTYPE.value, vision_tower=_VISION_TOWER.value)))
+    print(json.dumps(convert(_SRC.value, _OUT.value, _DTYPE.value, vision_tower=_VISION_TOWER.value,
+                             mmproj=_MMPROJ.value)))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llava_jax import sharding as shd
-from llava_jax.checkpoints import hf, orbax, original
+from llava_jax.checkpoints import gguf, hf, orbax, original
 from llava_jax.checkpoints.params import read_params
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.chat import ChatSession
@@ -37,7 +37,8 @@ def abstract_model(config: LlavaConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def checkpoint_kind(path: str) -> str:
-    """'llava_jax' (our model directory), 'hf' (llava-hf) or 'original' (haotian-liu/LLaVA)."""
+    """'llava_jax' (our model directory), 'hf' (llava-hf), 'original' (haotian-liu/LLaVA) or 'gguf'
+    (llama.cpp: a .gguf file, or a directory holding the model and its mmproj .gguf)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if os.path.isdir(path) and orbax.is_model_dir(path):
@@ -51,25 +52,32 @@ def checkpoint_kind(path: str) -> str:
         if cfg.get("model_type") in ("llava", "llava_next"):
             return "hf"
         raise CheckpointError(f"{config_path} has model_type {cfg.get('model_type')!r}, which is not a LLaVA model")
+    if gguf.is_gguf_checkpoint(path):
+        return "gguf"
     raise CheckpointError(
-        f"{path} is not a model: expected a llava-hf or original LLaVA directory (config.json + weights) "
-        "or a directory written by `python -m llava_jax.convert`"
+        f"{path} is not a model: expected a llava-hf or original LLaVA directory (config.json + weights), "
+        "a directory written by `python -m llava_jax.convert`, or a llama.cpp GGUF file (with its mmproj)"
     )
 
 
 def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, progress: bool = False,
-               vision_tower: str | None = None):  # fmt: skip
-    """Reads a checkpoint directory into a LlavaModel. Returns (model, config).
+               vision_tower: str | None = None, mmproj: str | None = None):  # fmt: skip
+    """Reads a checkpoint into a LlavaModel. Returns (model, config).
 
     vision_tower: the CLIP directory of an original LLaVA checkpoint (default: its mm_vision_tower).
+    mmproj: the projector file of a GGUF language model (llama.cpp's mmproj-*.gguf).
     """
     kind = checkpoint_kind(path)
     if vision_tower is not None and kind != "original":
         raise ValueError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
+    if mmproj is not None and kind != "gguf":
+        raise ValueError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
     if kind == "llava_jax":
         config = orbax.read_config(path)
     elif kind == "hf":
         config = LlavaConfig.from_hf(path)
+    elif kind == "gguf":
+        config, tensors = gguf.load_gguf(path, mmproj)
     else:
         config, tensors, _ = original.load_original(path, vision_tower)
     config = config.replace(param_dtype=dtype, dtype=dtype)
@@ -80,6 +88,9 @@ def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, pro
     elif kind == "hf":
         state = read_params(hf.hf_rules(config), abstract, hf.HFTensors(path), dtype=dtype, shardings=shardings,
                             ignore=hf.hf_ignored(config), progress=progress)  # fmt: skip
+    elif kind == "gguf":
+        state = read_params(gguf.gguf_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
+                            ignore=gguf.gguf_ignored(config), progress=progress)  # fmt: skip
     else:
         state = read_params(original.original_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
                             ignore=original.original_ignored(config), progress=progress)  # fmt: skip
@@ -112,20 +123,39 @@ def load_tokenizer_if_present(directory: str):
     return load_tokenizer(directory)
 
 
+def load_gguf_side(path: str, mmproj: str | None, config: LlavaConfig):
+    """(tokenizer, image processor) of a GGUF pair: from the language model's and the projector's metadata.
+    The tokenizer is None where the model file carries no tokenizer.ggml.model."""
+    from llava_jax.checkpoints.gguf_file import GGUFFile
+    from llava_jax.data.gguf_tokenizer import tokenizer_from_gguf
+
+    model_path, mmproj_path = gguf.find_pair(path, mmproj)
+    metadata = GGUFFile(model_path).metadata
+    tokenizer = tokenizer_from_gguf(metadata, model_path) if "tokenizer.ggml.model" in metadata else None
+    overrides = gguf.image_processor_overrides(GGUFFile(mmproj_path))
+    return tokenizer, ImageProcessor.from_config(config, overrides)
+
+
 def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_tower: str | None = None,
-         generation_layout: str = "auto") -> "Pipeline":  # fmt: skip
-    """A Pipeline for a llava-hf, original LLaVA, or llava_jax model directory.
+         generation_layout: str = "auto", mmproj: str | None = None) -> "Pipeline":  # fmt: skip
+    """A Pipeline for a llava-hf, original LLaVA, llava_jax or GGUF model.
 
     dtype: parameters and activations ("float32" for exact parity, "bfloat16" for speed).
     mesh: a jax Mesh with axes from (data, fsdp, tensor); parameters are laid out on it directly.
     vision_tower: for an original LLaVA checkpoint, its CLIP directory (default: config.json's
     mm_vision_tower, a path absolute or relative to the checkpoint directory).
+    mmproj: for a GGUF language model file (path), its multimodal projector file; a directory holding
+    exactly one mmproj*.gguf and one other .gguf needs none.
     generation_layout: "copy" (a second, decode-friendly copy of the decoder's weights: fast on CPU),
     "scanned" (the model's own weights, no extra memory) or "auto" (copy on CPU, scanned elsewhere).
     """
-    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower)
-    image_processor = load_image_processor(side_directory(path, vision_tower), config)
-    return Pipeline(model, config, mesh=mesh, directory=path, tokenizer=load_tokenizer_if_present(path),
+    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower, mmproj=mmproj)
+    if checkpoint_kind(path) == "gguf":
+        tokenizer, image_processor = load_gguf_side(path, mmproj, config)
+    else:
+        tokenizer = load_tokenizer_if_present(path)
+        image_processor = load_image_processor(side_directory(path, vision_tower), config)
+    return Pipeline(model, config, mesh=mesh, directory=path, tokenizer=tokenizer,
                     image_processor=image_processor, generation_layout=generation_layout)  # fmt: skip
 
 
