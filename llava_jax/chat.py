@@ -17,15 +17,49 @@ from llava_jax.data.prepare import IMAGE_TAG, ImageCountError
 from llava_jax.generate import cut_at_stop
 
 
+def checkpoint_template(path: str | None, config) -> str:
+    """The template the original CLI would pick for the checkpoint at `path` (LlavaConfig `config`).
+
+    By name first (`template_for`). A llava_jax directory carries the choice made for its source at
+    conversion (its name is the user's); a GGUF file's own name rarely says which LLaVA it is
+    ("ggml-model-q4_k.gguf"), so its directory's name is tried too. Without a hint in the name, the
+    checkpoint's config.json decides, or where there is none, the model's vocabulary size.
+    """
+    if not path:
+        return template_for("model", _config_hint(config))
+    path = os.path.abspath(path)
+    recorded = _recorded_template(path)
+    if recorded is not None:
+        return recorded
+    names = [path, os.path.dirname(path)] if os.path.isfile(path) else [path]
+    for name in names:
+        template = template_for(name)
+        if template != "llava_v0":
+            return template
+    config_json = os.path.join(path, "config.json")
+    if os.path.isfile(config_json):
+        with open(config_json) as f:
+            return template_for(path, json.load(f))
+    return template_for(path, _config_hint(config))
+
+
+def _recorded_template(path: str) -> str | None:
+    from llava_jax.checkpoints import orbax
+
+    if not (os.path.isdir(path) and orbax.is_model_dir(path)):
+        return None
+    with open(os.path.join(path, orbax.MARKER)) as f:
+        return json.load(f).get("template")
+
+
+def _config_hint(config) -> dict | None:
+    """What `template_for` reads from a config.json, from a LlavaConfig (the vocabulary size)."""
+    return None if config is None else {"text_config": {"model_type": "llama", "vocab_size": config.text.vocab_size}}
+
+
 def default_template(pipe) -> str:
-    """The template the original CLI would pick for this checkpoint (by name, then by its config)."""
-    directory = pipe.directory or ""
-    config = None
-    path = os.path.join(directory, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            config = json.load(f)
-    return template_for(os.path.abspath(directory) if directory else "model", config)
+    """The template the original CLI would pick for this pipeline's checkpoint (`checkpoint_template`)."""
+    return checkpoint_template(pipe.directory, pipe.config)
 
 
 class ChatSession:

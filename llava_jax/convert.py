@@ -19,6 +19,7 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
+from llava_jax.chat import checkpoint_template
 from llava_jax.checkpoints import orbax
 from llava_jax.pipeline import checkpoint_kind, load_model, side_directory
 
@@ -40,7 +41,8 @@ def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
         raise ValueError(f"{src} is already a llava_jax model directory")
     model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
     state = nnx.state(model)
-    orbax.save_model_dir(out, state, config, copy_from=None if kind == "gguf" else src)
+    orbax.save_model_dir(out, state, config, copy_from=None if kind == "gguf" else src,
+                         template=checkpoint_template(src, config))  # fmt: skip
     if kind == "gguf":
         write_gguf_side_files(src, mmproj, out)
     preprocessor = os.path.join(side_directory(src, vision_tower), "preprocessor_config.json")

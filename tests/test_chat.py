@@ -149,3 +149,29 @@ def test_infer_chats_turn_by_turn(chat_model, tmp_path):
     assert result.stdout.count("ASSISTANT: ") == 2
     for reply in replies:
         assert reply in result.stdout
+
+
+def test_template_survives_conversion(tmp_path):
+    """The source's name and config.json pick the template; a converted directory has neither, so the
+    choice is recorded at conversion."""
+    from llava_jax.chat import checkpoint_template
+    from llava_jax.checkpoints import orbax
+    from llava_jax.convert import convert
+
+    model = R.build_llava(R.llava_hf_config(text_model="mistral"))
+    source = R.save(model, str(tmp_path / "tiny"))  # no hint in the name: config.json's mistral decides
+    pipe = llava_jax.load(source, dtype="float32")
+    assert checkpoint_template(source, pipe.config) == "mistral_instruct"
+    out = str(tmp_path / "converted")
+    convert(source, out, "float32", progress=False)
+    assert checkpoint_template(out, pipe.config) == "mistral_instruct"
+    marker = os.path.join(out, orbax.MARKER)
+    with open(marker) as f:
+        meta = json.load(f)
+    del meta["template"]  # a directory converted before the choice was recorded: the vocabulary decides
+    with open(marker, "w") as f:
+        json.dump(meta, f)
+    assert checkpoint_template(out, pipe.config) == "llava_v1"
+    named = str(tmp_path / "llava-v1.6-mistral-7b-jax")
+    os.rename(out, named)
+    assert checkpoint_template(named, pipe.config) == "mistral_instruct"  # the name's hint comes first

@@ -277,3 +277,19 @@ def test_convert_gguf_to_orbax_keeps_weights_tokenizer_and_preprocessing(tokeniz
     la, lb = leaves(a), leaves(b)
     for k in la:
         np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+
+
+@pytest.mark.parametrize("directory, filename, expected", [
+    ("ggml_llava-v1.5-7b", "ggml-model-f16.gguf", "llava_v1"),  # the hint is in the directory's name
+    ("models", "llava-v1.6-mistral-7b.Q8_0.gguf", "mistral_instruct"),  # in the file's name
+    ("models", "model.gguf", "llava_v1"),  # none: the LLaMA vocabulary decides
+])
+def test_chat_template_from_the_pair_names(hf15, pair15, tmp_path, directory, filename, expected):
+    from llava_jax.chat import default_template
+
+    folder = tmp_path / directory
+    folder.mkdir()
+    model_path, mmproj_path = str(folder / filename), str(folder / "mmproj-model-f16.gguf")
+    shutil.copy(pair15[0], model_path)
+    shutil.copy(pair15[1], mmproj_path)
+    assert default_template(llava_jax.load(model_path, mmproj=mmproj_path, dtype="float32")) == expected

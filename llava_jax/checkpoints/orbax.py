@@ -33,8 +33,13 @@ def is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def save_model_dir(directory: str, state: nnx.State, config: LlavaConfig, copy_from: str | None = None) -> None:
-    """Writes parameters (as stored in `state`), config and side files. Refuses to overwrite."""
+def save_model_dir(directory: str, state: nnx.State, config: LlavaConfig, copy_from: str | None = None,
+                   template: str | None = None) -> None:  # fmt: skip
+    """Writes parameters (as stored in `state`), config and side files. Refuses to overwrite.
+
+    template: the conversation template chosen for the source checkpoint (its name is gone after
+    conversion), recorded for `llava_jax.chat.checkpoint_template`.
+    """
     params_dir = os.path.join(os.path.abspath(directory), "params")
     if os.path.exists(params_dir):
         raise FileExistsError(f"{params_dir} already exists; choose an empty output directory")
@@ -48,7 +53,10 @@ def save_model_dir(directory: str, state: nnx.State, config: LlavaConfig, copy_f
                 shutil.copy2(src, os.path.join(directory, name))
     if jax.process_index() == 0:
         with open(os.path.join(directory, MARKER), "w") as f:
-            json.dump({"format": "llava_jax", "version": FORMAT_VERSION, "config": config.to_dict()}, f, indent=2)
+            meta = {"format": "llava_jax", "version": FORMAT_VERSION, "config": config.to_dict()}
+            if template is not None:
+                meta["template"] = template
+            json.dump(meta, f, indent=2)
 
 
 def read_config(directory: str) -> LlavaConfig:
