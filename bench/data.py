@@ -4,7 +4,9 @@ Both build the same batches from the same 640x480 JPEGs (written here with Pillo
 LLaVA instruction records: decode, preprocess (336px CLIP, pad-to-square as LLaVA-1.5; or anyres
 tiling), tokenize, mask labels, pad and stack. Prints samples/s for each and their ratio, one JSON
 line per mode at the end. The two alternate over a few rounds (the median is reported), so load
-from other processes hits both alike; the pipeline is timed once every worker has started. The
+from other processes hits both alike; the pipeline is timed from when every worker has delivered a
+batch to its last batch (stopping the workers at the end of the epoch, which a run that repeats the
+data never does, is reported apart as shutdown). The
 CPU each side got is printed too: on a machine shared with other work the ratio cannot exceed
 what the scheduler grants (Linux autogroup shares CPU per session, not per process), so the
 ratio the measured CPU costs allow on idle cores is printed as well (derived, not timed).
@@ -101,15 +103,18 @@ def measure_pipeline(dataset: LlavaDataset) -> dict[str, float]:
     for _ in range(warm):
         next(iterator)
     meter, warmed = _CpuMeter(), time.perf_counter()
-    batches = 0
+    batches, cpu, last = 0, 0.0, warmed
     for _ in iterator:
         batches += 1
-        meter.sample()
-    cpu, elapsed = meter.spent(), time.perf_counter() - warmed
+        cpu, last = meter.spent(), time.perf_counter()
+    # Up to the last batch: the end of the epoch then waits for grain to stop its workers, which a
+    # run that repeats the data (num_epochs=None) never does.
+    shutdown = time.perf_counter() - last
     iterator.close()
     assert batches + warm == dataset.batches_per_epoch * dataset.config.num_epochs
-    samples = batches * dataset.config.batch_size
-    return {"rate": samples / elapsed, "startup": warmed - start, "cores": cpu / elapsed, "cpu_ms": 1e3 * cpu / samples}
+    elapsed, samples = last - warmed, batches * dataset.config.batch_size
+    return {"rate": samples / elapsed, "startup": warmed - start, "shutdown": shutdown, "cores": cpu / elapsed,
+            "cpu_ms": 1e3 * cpu / samples}  # fmt: skip
 
 
 def measure_loop(dataset: LlavaDataset) -> dict[str, float]:
@@ -167,6 +172,7 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
         "ratio": round(statistics.median(ratios), 2),
         "ratio_per_round": [round(r, 2) for r in ratios],
         "pipeline_startup_s": median(pipelines, "startup", 2),
+        "pipeline_shutdown_s": median(pipelines, "shutdown", 2),
         # CPU each side actually got (other processes on a shared machine take the rest) and spent.
         "loop_cores": median(loops, "cores", 2),
         "pipeline_cores": median(pipelines, "cores", 2),
@@ -182,7 +188,8 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
     print(
         f"{mode:6s} loop {result['loop_samples_per_s']:7.1f} samples/s | "
         f"pipeline {result['pipeline_samples_per_s']:7.1f} samples/s "
-        f"({args.workers} workers, start-up {result['pipeline_startup_s']:.1f} s) | "
+        f"({args.workers} workers, start-up {result['pipeline_startup_s']:.1f} s, "
+        f"shutdown {result['pipeline_shutdown_s']:.1f} s) | "
         f"ratio {result['ratio']:.2f}x (rounds: {result['ratio_per_round']}) | "
         f"cores used: loop {result['loop_cores']:.2f}, pipeline {result['pipeline_cores']:.2f} | "
         f"CPU ms/sample: loop {result['loop_cpu_ms_per_sample']:.2f}, "
