@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 
+from llava_jax.checkpoints import orbax
 from llava_jax.data.conversation import get_template, render, template_for
 from llava_jax.data.image import load_image
 from llava_jax.data.prepare import IMAGE_TAG, ImageCountError
@@ -20,9 +21,9 @@ from llava_jax.generate import cut_at_stop
 def checkpoint_template(path: str | None, config) -> str:
     """The template the original CLI would pick for the checkpoint at `path` (LlavaConfig `config`).
 
-    By name first (`template_for`). A llava_jax directory carries the choice made for its source at
-    conversion (its name is the user's); a GGUF file's own name rarely says which LLaVA it is
-    ("ggml-model-q4_k.gguf"), so its directory's name is tried too. Without a hint in the name, the
+    A llava_jax directory carries the choice made for its source at conversion (its own name is the
+    user's). Otherwise the name decides where it has a hint (`template_for`); a GGUF file's name rarely
+    has one ("ggml-model-q4_k.gguf"), so its directory's name is tried too. Without a hint, the
     checkpoint's config.json decides, or where there is none, the model's vocabulary size.
     """
     if not path:
@@ -44,8 +45,6 @@ def checkpoint_template(path: str | None, config) -> str:
 
 
 def _recorded_template(path: str) -> str | None:
-    from llava_jax.checkpoints import orbax
-
     if not (os.path.isdir(path) and orbax.is_model_dir(path)):
         return None
     with open(os.path.join(path, orbax.MARKER)) as f:
