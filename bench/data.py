@@ -6,10 +6,10 @@ tiling), tokenize, mask labels, pad and stack. Prints samples/s for each and the
 line per mode at the end. The two alternate over a few rounds (the median is reported), so load
 from other processes hits both alike; the pipeline is timed from when every worker has delivered a
 batch to its last batch (stopping the workers at the end of the epoch, which a run that repeats the
-data never does, is reported apart as shutdown). The
-CPU each side got is printed too: on a machine shared with other work the ratio cannot exceed
-what the scheduler grants (Linux autogroup shares CPU per session, not per process), so the
-ratio the measured CPU costs allow on idle cores is printed as well (derived, not timed).
+data never does, is reported apart as shutdown). The CPU each side got is printed too: on a machine
+shared with other work the ratio cannot exceed what the scheduler grants (Linux autogroup shares CPU
+per session, not per process), so the ratio the measured CPU costs allow on idle cores is printed
+as well (derived, not timed).
 
     python bench/data.py                      # both modes, 2 workers
     python bench/data.py --mode clip --images 256 --workers 2 --rounds 5

@@ -224,6 +224,8 @@ def test_generation_on_a_mesh_equals_one_device(llama, batch, layout):
     mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
     sharded = llava_jax.load(pipe.directory, dtype="float32", mesh=mesh, generation_layout=layout)
     assert sharded._generator.layout == layout
+    kernel = sharded._state["decoder"]["layers"]["attn"]["q_proj"]["kernel"].get_value()
+    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
     assert sharded.generate(rows, pixels, max_new_tokens=12, eos_ids=()) == expected
     steps = list(sharded.generate_stream(rows, pixels, max_new_tokens=5, eos_ids=()))
     assert [sum((step[i] for step in steps), []) for i in range(4)] == [r[:5] for r in expected]
