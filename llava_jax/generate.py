@@ -96,8 +96,25 @@ def _sample(sampler: Sampler, logits, rng, step, done, eos_ids, pad_id):
 LAYOUTS = ("copy", "scanned")
 
 
-def default_layout() -> str:
-    return "copy" if jax.default_backend() == "cpu" else "scanned"
+def default_layout(decoder_bytes: int = 0) -> str:
+    """"copy" on CPU where the second copy of the decoder's weights fits in half the memory available
+    now (a 7B model in bfloat16 would need 13.5 GB more), else "scanned"."""
+    if jax.default_backend() != "cpu":
+        return "scanned"
+    available = available_memory_bytes()
+    return "copy" if available is None or 2 * decoder_bytes <= available else "scanned"
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None (unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _embed(model, dparams, ids: jax.Array) -> jax.Array:
@@ -182,12 +199,15 @@ class Generator:
     graphdef, params_fn() -> state: the split LlavaModel (the state is read at each call, so the
     owner may replace it); config: its LlavaConfig; decode_text: ids -> str, for stop strings only.
     layout: "copy" keeps the decoder's weights a second time in `decode_layout` (fast on CPU),
-    "scanned" runs the model's own weights (no copy); "auto" picks by backend (`default_layout`).
+    "scanned" runs the model's own weights (no copy); "auto" picks by backend and, on CPU, by the
+    memory available (`default_layout`).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params_fn: Callable[[], nnx.State], config, *, pad_id: int = 0,
                  decode_text: Callable[[list[int]], str] | None = None, layout: str = "auto"):  # fmt: skip
-        layout = default_layout() if layout == "auto" else layout
+        if layout == "auto":
+            decoder = jax.tree.leaves(params_fn()["decoder"])
+            layout = default_layout(sum(a.size * a.dtype.itemsize for a in decoder))
         if layout not in LAYOUTS:
             raise ValueError(f"generation layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
         self.layout = layout

@@ -147,7 +147,8 @@ def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_to
     mmproj: for a GGUF language model file (path), its multimodal projector file; a directory holding
     exactly one mmproj*.gguf and one other .gguf needs none.
     generation_layout: "copy" (a second, decode-friendly copy of the decoder's weights: fast on CPU),
-    "scanned" (the model's own weights, no extra memory) or "auto" (copy on CPU, scanned elsewhere).
+    "scanned" (the model's own weights, no extra memory) or "auto" (copy on CPU where it fits in half
+    the memory available, scanned elsewhere).
     """
     model, config = load_model(path, dtype, mesh, vision_tower=vision_tower, mmproj=mmproj)
     if checkpoint_kind(path) == "gguf":

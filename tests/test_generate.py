@@ -214,6 +214,22 @@ def test_stream_yields_the_same_tokens_one_at_a_time(llama, batch):
     assert joined == pipe.generate(rows, pixels, max_new_tokens=10, eos_ids=())
 
 
+def test_auto_layout_copies_only_what_memory_allows(llama, monkeypatch):
+    """On CPU, "auto" keeps the decode copy of the decoder's weights only where it fits in half the
+    available memory; otherwise it generates from the model's own weights."""
+    from llava_jax import generate
+
+    _, pipe = llama
+    assert jax.default_backend() == "cpu"
+    decoder_bytes = sum(a.nbytes for a in jax.tree.leaves(pipe._state["decoder"]))
+    monkeypatch.setattr(generate, "available_memory_bytes", lambda: 2 * decoder_bytes)
+    assert llava_jax.load(pipe.directory, dtype="float32")._generator.layout == "copy"
+    monkeypatch.setattr(generate, "available_memory_bytes", lambda: 2 * decoder_bytes - 1)
+    assert llava_jax.load(pipe.directory, dtype="float32")._generator.layout == "scanned"
+    monkeypatch.setattr(generate, "available_memory_bytes", lambda: None)  # unknown: the fast layout
+    assert llava_jax.load(pipe.directory, dtype="float32")._generator.layout == "copy"
+
+
 @pytest.mark.parametrize("layout", ["copy", "scanned"])
 def test_generation_on_a_mesh_equals_one_device(llama, batch, layout):
     """Parameters laid out over (data, fsdp, tensor): the same tokens, generated and streamed."""
