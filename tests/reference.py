@@ -107,3 +107,25 @@ def reference_logits(model, input_ids, pixel_values=None, attention_mask=None, *
             **kwargs,
         )
     return out.logits.float().numpy()
+
+
+def image(size_hw, seed=0):
+    """A random RGB PIL image of (height, width)."""
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size_hw, 3), dtype=np.uint8))
+
+
+def leaves(pipe) -> dict[str, np.ndarray]:
+    """A Pipeline's parameters by dotted path."""
+    from flax import nnx
+
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(pipe._state)}
+
+
+def sequence(rng, image_token, counts):
+    """Token ids: text, then for each count that many image tokens followed by more text."""
+    parts = [rng.integers(1, 90, 5)]
+    for i, n in enumerate(counts):
+        parts += [np.full(n, image_token), rng.integers(1, 90, 4 + 3 * (i % 2))]
+    return np.concatenate(parts)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 from safetensors.torch import load_file, save_file
 
 import llava_jax
@@ -17,6 +16,7 @@ from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.convert import convert
 from llava_jax.model.llava import ImageTokenMismatch
 from tests import reference as R
+from tests.reference import leaves
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,6 @@ def hf_model():
 @pytest.fixture(scope="module")
 def hf_dir(hf_model, tmp_path_factory):
     return R.save(hf_model, str(tmp_path_factory.mktemp("hf")))
-
-
-def leaves(pipe):
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(pipe._state)}
 
 
 def assert_same_params(a, b):

@@ -15,8 +15,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from flax import nnx
-from PIL import Image
 
 import llava_jax
 from llava_jax.checkpoints.safetensors_io import CheckpointError
@@ -25,26 +23,12 @@ from llava_jax.data.gguf_tokenizer import tokenizer_from_gguf
 from llava_jax.data.tokenizer import load_tokenizer
 from llava_jax.model import anyres
 from tests import reference as R
+from tests.reference import image, leaves, sequence
 from tests.conftest import ADDED_TOKENS
 from tests.gguf_reference import add_sentencepiece_vocab, mmproj_contents, round_f16_tensors, text_contents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"wide": (20, 70), "tall": (90, 30), "huge": (200, 150), "square": (50, 50)}  # (h, w)
-
-
-def image(size_hw, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size_hw, 3), dtype=np.uint8))
-
-
-def leaves(pipe):
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(pipe._state)}
-
-
-def sequence(rng, image_token, counts):
-    parts = [rng.integers(1, 90, 5)]
-    for i, n in enumerate(counts):
-        parts += [np.full(n, image_token), rng.integers(1, 90, 4 + 3 * (i % 2))]
-    return np.concatenate(parts)
 
 
 def write_pair(directory, text, mmproj):

@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
-from PIL import Image
 
 import llava_jax
 from llava import mm_utils
@@ -27,6 +25,7 @@ from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.convert import convert
 from llava_jax.model import anyres
 from tests import reference as R
+from tests.reference import image, leaves, sequence
 from tests.original_reference import OriginalReference, collapse_image_tokens, write_clip_dir, write_original
 
 transformers.logging.set_verbosity_error()
@@ -35,21 +34,6 @@ TILE = 28
 # as an original config.json lists them; the original reads each pair as (width, height)
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 SIZES = {"wide": (20, 70), "tall": (90, 30), "square": (50, 50), "small": (10, 12), "huge": (200, 150)}  # (h, w)
-
-
-def image(size_hw, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size_hw, 3), dtype=np.uint8))
-
-
-def leaves(pipe):
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(pipe._state)}
-
-
-def sequence(rng, image_token, counts):
-    parts = [rng.integers(1, 90, 5)]
-    for i, n in enumerate(counts):
-        parts += [np.full(n, image_token), rng.integers(1, 90, 4 + 3 * (i % 2))]
-    return np.concatenate(parts)
 
 
 def right_pad(rows):
