@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from llava_jax.checkpoints.gguf_file import GGUFFile, is_gguf
-from llava_jax.checkpoints.hf import patch_to_file, patch_to_model
+from llava_jax.checkpoints.hf import layer_norm, linear, patch_to_file, patch_to_model
 from llava_jax.checkpoints.params import Rule, transpose
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
@@ -314,19 +314,6 @@ def image_processor_overrides(mmproj: GGUFFile) -> dict[str, Any]:
 # -- rules ---------------------------------------------------------------------------------------------
 
 
-def _linear(path: str, key: str, bias: bool, rows_to_hf=None, rows_to_file=None) -> list[Rule]:
-    to_model = transpose if rows_to_hf is None else (lambda w: rows_to_hf(w).T)
-    to_file = transpose if rows_to_file is None else (lambda k: rows_to_file(k.T))
-    rules = [Rule(f"{path}.kernel", f"{key}.weight", to_model, to_file)]
-    if bias:
-        rules.append(Rule(f"{path}.bias", f"{key}.bias", rows_to_hf or (lambda b: b), rows_to_file or (lambda b: b)))
-    return rules
-
-
-def _layer_norm(path: str, key: str) -> list[Rule]:
-    return [Rule(f"{path}.scale", f"{key}.weight"), Rule(f"{path}.bias", f"{key}.bias")]
-
-
 def text_rules(cfg: LlavaConfig, path: str = "decoder") -> list[Rule]:
     text, lp = cfg.text, "blk.{i}."
     q_heads, kv_heads = text.num_heads, text.num_kv_heads
@@ -335,15 +322,15 @@ def text_rules(cfg: LlavaConfig, path: str = "decoder") -> list[Rule]:
         Rule(f"{path}.norm.scale", "output_norm.weight"),
         Rule(f"{path}.layers.input_norm.scale", f"{lp}attn_norm.weight"),
         Rule(f"{path}.layers.post_attn_norm.scale", f"{lp}ffn_norm.weight"),
-        *_linear(f"{path}.layers.attn.q_proj", f"{lp}attn_q", text.attention_bias,
+        *linear(f"{path}.layers.attn.q_proj", f"{lp}attn_q", text.attention_bias,
                  lambda w: rope_rows_to_hf(w, q_heads), lambda w: rope_rows_to_gguf(w, q_heads)),
-        *_linear(f"{path}.layers.attn.k_proj", f"{lp}attn_k", text.attention_bias,
+        *linear(f"{path}.layers.attn.k_proj", f"{lp}attn_k", text.attention_bias,
                  lambda w: rope_rows_to_hf(w, kv_heads), lambda w: rope_rows_to_gguf(w, kv_heads)),
-        *_linear(f"{path}.layers.attn.v_proj", f"{lp}attn_v", text.attention_bias),
-        *_linear(f"{path}.layers.attn.o_proj", f"{lp}attn_output", text.attention_bias),
-        *_linear(f"{path}.layers.mlp.gate_proj", f"{lp}ffn_gate", text.mlp_bias),
-        *_linear(f"{path}.layers.mlp.up_proj", f"{lp}ffn_up", text.mlp_bias),
-        *_linear(f"{path}.layers.mlp.down_proj", f"{lp}ffn_down", text.mlp_bias),
+        *linear(f"{path}.layers.attn.v_proj", f"{lp}attn_v", text.attention_bias),
+        *linear(f"{path}.layers.attn.o_proj", f"{lp}attn_output", text.attention_bias),
+        *linear(f"{path}.layers.mlp.gate_proj", f"{lp}ffn_gate", text.mlp_bias),
+        *linear(f"{path}.layers.mlp.up_proj", f"{lp}ffn_up", text.mlp_bias),
+        *linear(f"{path}.layers.mlp.down_proj", f"{lp}ffn_down", text.mlp_bias),
     ]  # fmt: skip
     if not text.tie_word_embeddings:
         rules.append(Rule(f"{path}.lm_head.kernel", "output.weight", transpose, transpose))
@@ -356,22 +343,22 @@ def vision_rules(path: str = "vision") -> list[Rule]:
         Rule(f"{path}.patch_embed", "v.patch_embd.weight", patch_to_model, patch_to_file),
         Rule(f"{path}.class_embed", "v.class_embd"),
         Rule(f"{path}.pos_embed", "v.position_embd.weight"),
-        *_layer_norm(f"{path}.pre_norm", "v.pre_ln"),
-        *_layer_norm(f"{path}.post_norm", "v.post_ln"),
-        *_layer_norm(f"{path}.layers.norm1", f"{lp}ln1"),
-        *_layer_norm(f"{path}.layers.norm2", f"{lp}ln2"),
-        *_linear(f"{path}.layers.mlp.fc1", f"{lp}fc1", True),
-        *_linear(f"{path}.layers.mlp.fc2", f"{lp}fc2", True),
+        *layer_norm(f"{path}.pre_norm", "v.pre_ln"),
+        *layer_norm(f"{path}.post_norm", "v.post_ln"),
+        *layer_norm(f"{path}.layers.norm1", f"{lp}ln1"),
+        *layer_norm(f"{path}.layers.norm2", f"{lp}ln2"),
+        *linear(f"{path}.layers.mlp.fc1", f"{lp}fc1", True),
+        *linear(f"{path}.layers.mlp.fc2", f"{lp}fc2", True),
     ]
     for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_out")):
-        rules += _linear(f"{path}.layers.attn.{ours}", f"{lp}{theirs}", True)
+        rules += linear(f"{path}.layers.attn.{ours}", f"{lp}{theirs}", True)
     return rules
 
 
 def gguf_rules(cfg: LlavaConfig) -> list[Rule]:
     """Every parameter of a LlavaModel for `cfg`, under GGUFPair's keys."""
     rules = text_rules(cfg) + vision_rules()
-    rules += _linear("projector.linears.0", "mm.0", True) + _linear("projector.linears.1", "mm.2", True)
+    rules += linear("projector.linears.0", "mm.0", True) + linear("projector.linears.1", "mm.2", True)
     if cfg.has_image_newline:
         rules.append(Rule("image_newline", "image_newline"))
     return rules

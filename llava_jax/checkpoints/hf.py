@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llava_jax.checkpoints.params import Rule, TensorSource, transpose
+from llava_jax.checkpoints.params import Rule, TensorSource, identity, transpose
 from llava_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from llava_jax.config import LlavaConfig, projector_depth
 
@@ -41,9 +41,11 @@ def patch_to_file(w: np.ndarray) -> np.ndarray:
     return w.transpose(3, 2, 0, 1)
 
 
-def linear(path: str, key: str, bias: bool) -> list[Rule]:
-    rules = [Rule(f"{path}.kernel", f"{key}.weight", transpose, transpose)]
-    return rules + ([Rule(f"{path}.bias", f"{key}.bias")] if bias else [])
+def linear(path: str, key: str, bias: bool, rows_to_model=identity, rows_to_file=identity) -> list[Rule]:
+    """A PyTorch Linear's weight [out, in] (and bias [out]) as our kernel [in, out] (and bias).
+    rows_to_model / rows_to_file: a reordering of the output rows between file and model (GGUF's Q/K)."""
+    rules = [Rule(f"{path}.kernel", f"{key}.weight", lambda w: rows_to_model(w).T, lambda k: rows_to_file(k.T))]
+    return rules + ([Rule(f"{path}.bias", f"{key}.bias", rows_to_model, rows_to_file)] if bias else [])
 
 
 def layer_norm(path: str, key: str) -> list[Rule]:
