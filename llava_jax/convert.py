@@ -56,15 +56,13 @@ def write_gguf_side_files(src: str, mmproj: str | None, out: str) -> None:
     """The tokenizer (tokenizer.model + tokenizer_config.json) and preprocessor_config.json (mean, std)
     of a GGUF pair, so that `load(out)` gets what `load(src, mmproj=...)` gets."""
     from llava_jax.checkpoints import gguf
-    from llava_jax.checkpoints.gguf_file import GGUFFile
     from llava_jax.data.gguf_tokenizer import write_tokenizer_files
 
-    model_path, mmproj_path = gguf.find_pair(src, mmproj)
-    metadata = GGUFFile(model_path).metadata
-    if "tokenizer.ggml.model" in metadata:
+    model_path, metadata, overrides = gguf.side_metadata(src, mmproj)
+    if metadata is not None:
         write_tokenizer_files(metadata, out, model_path)
     with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump(gguf.image_processor_overrides(GGUFFile(mmproj_path)), f, indent=2)
+        json.dump(overrides, f, indent=2)
 
 
 def main(argv):

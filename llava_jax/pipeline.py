@@ -126,13 +126,10 @@ def load_tokenizer_if_present(directory: str):
 def load_gguf_side(path: str, mmproj: str | None, config: LlavaConfig):
     """(tokenizer, image processor) of a GGUF pair: from the language model's and the projector's metadata.
     The tokenizer is None where the model file carries no tokenizer.ggml.model."""
-    from llava_jax.checkpoints.gguf_file import GGUFFile
     from llava_jax.data.gguf_tokenizer import tokenizer_from_gguf
 
-    model_path, mmproj_path = gguf.find_pair(path, mmproj)
-    metadata = GGUFFile(model_path).metadata
-    tokenizer = tokenizer_from_gguf(metadata, model_path) if "tokenizer.ggml.model" in metadata else None
-    overrides = gguf.image_processor_overrides(GGUFFile(mmproj_path))
+    model_path, metadata, overrides = gguf.side_metadata(path, mmproj)
+    tokenizer = tokenizer_from_gguf(metadata, model_path) if metadata is not None else None
     return tokenizer, ImageProcessor.from_config(config, overrides)
 
 

@@ -311,6 +311,15 @@ def image_processor_overrides(mmproj: GGUFFile) -> dict[str, Any]:
     return out
 
 
+def side_metadata(path: str, mmproj: str | None = None) -> tuple[str, dict[str, Any] | None, dict[str, Any]]:
+    """What a GGUF pair carries besides weights: (language model file, its metadata where it holds a
+    tokenizer (`tokenizer.ggml.model`) else None, `image_processor_overrides` of the projector)."""
+    model_path, mmproj_path = find_pair(path, mmproj)
+    metadata = GGUFFile(model_path).metadata
+    tokenizer_metadata = metadata if "tokenizer.ggml.model" in metadata else None
+    return model_path, tokenizer_metadata, image_processor_overrides(GGUFFile(mmproj_path))
+
+
 # -- rules ---------------------------------------------------------------------------------------------
 
 
