@@ -25,13 +25,20 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from llava_jax.model.decode_layout import product  # noqa: E402
+
 LAYERS, WIDTH, MLP, HEADS, HEAD_DIM, VOCAB, SLOTS = 12, 1024, 2816, 16, 64, 32064, 400
 STEPS = 10  # decode steps per timed call
 
 
 def median_time(fn, repeats: int) -> float:
-    import jax
-
     jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
@@ -43,11 +50,6 @@ def median_time(fn, repeats: int) -> float:
 
 def weight_products(rows: int, dtype: str, repeats: int) -> dict:
     """One decode step's weight products; {"GB_s", "ms_per_step"}."""
-    import jax
-    import jax.numpy as jnp
-
-    from llava_jax.model.decode_layout import product
-
     shapes = [(3 * WIDTH, WIDTH), (WIDTH, WIDTH), (2 * MLP, WIDTH), (WIDTH, MLP)] * LAYERS + [(VOCAB, WIDTH)]
     keys = jax.random.split(jax.random.key(0), len(shapes))
     weights = [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes)]
@@ -69,10 +71,6 @@ def weight_products(rows: int, dtype: str, repeats: int) -> dict:
 
 def attention(batch: int, repeats: int, devices: int = 1) -> dict:
     """One step's attention over every layer's float32 KV cache; {"GB_s", "ms_per_step"}."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
     n = batch * HEADS
     keys = jax.random.split(jax.random.key(1), 2 * LAYERS)
     cache = [jax.random.normal(k, (n, SLOTS, HEAD_DIM), jnp.float32) for k in keys]
@@ -89,10 +87,9 @@ def attention(batch: int, repeats: int, devices: int = 1) -> dict:
     if devices == 1:
         f = jax.jit(loop)
     else:
-        mesh = Mesh(jax.devices()[:devices], ("rows",))
-        rows = NamedSharding(mesh, PartitionSpec("rows"))
-        cache, q = [jax.device_put(c, rows) for c in cache], jax.device_put(q, rows)
-        spec = PartitionSpec("rows")
+        mesh, spec = Mesh(jax.devices()[:devices], ("rows",)), PartitionSpec("rows")
+        cache = [jax.device_put(c, NamedSharding(mesh, spec)) for c in cache]
+        q = jax.device_put(q, NamedSharding(mesh, spec))
         f = jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=(spec, spec), out_specs=spec))
     t = median_time(lambda: f(q, cache), repeats) / STEPS
     return {"GB_s": sum(c.nbytes for c in cache) / t / 1e9, "ms_per_step": t * 1e3}
@@ -100,9 +97,6 @@ def attention(batch: int, repeats: int, devices: int = 1) -> dict:
 
 def prefill_gemms(repeats: int) -> dict:
     """{f"{rows}x{in}x{out}": {"xla", "torch"}} in GFLOP/s for the prompt's projections."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -134,7 +128,6 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure; medians are reported")
     parser.add_argument("--child_attention", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     if args.child_attention:
         print(json.dumps(attention(args.child_attention, args.repeats, devices=2)))
         return
