@@ -11,7 +11,7 @@ vocabulary 32064) with its KV cache (400 slots: a 320-slot prompt bucket and 80 
   products of `decode_layout._attend`) at batch 1 and 8, on one CPU device, then split by rows over
   two host devices (a child process with two forced host devices: each device runs on its own
   thread). GB/s and ms per step.
-- prefill GEMMs: XLA's x @ W^T against PyTorch's F.linear (2 threads) on the prompt's shapes, GFLOP/s.
+- prefill GEMMs: XLA's x @ W^T against PyTorch's F.linear (all cores) on the prompt's shapes, GFLOP/s.
 Last, the floors these put under a batch-8 decode step.
 """
 
