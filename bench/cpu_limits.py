@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.decode import timed  # noqa: E402
 from llava_jax.model.decode_layout import product  # noqa: E402
 
 LAYERS, WIDTH, MLP, HEADS, HEAD_DIM, VOCAB, SLOTS = 12, 1024, 2816, 16, 64, 32064, 400
@@ -39,13 +38,9 @@ STEPS = 10  # decode steps per timed call
 
 
 def median_time(fn, repeats: int) -> float:
+    """Median seconds of fn() run to completion, after one call that compiles it."""
     jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def weight_products(rows: int, dtype: str, repeats: int) -> dict:
