@@ -22,6 +22,7 @@ setup(
         "absl-py>=2",
         "ml-collections>=1",
         "tqdm>=4.60",
+        "tensorboardX>=2.6",  # TensorBoard event files of training runs
     ],
     extras_require={
         "test": [
@@ -30,7 +31,10 @@ setup(
             "torch==2.13.0",
             "transformers==5.23.0",
             "protobuf>=4",
+            "peft==0.21.2",  # reads the LoRA adapters we export
+            "hypothesis>=6.100",  # fuzzes the file readers
         ],
         "gguf": ["gguf>=0.17"],
+        "quant": ["qwix==0.1.8"],
     },
 )
