@@ -12,6 +12,8 @@ import os
 import re
 from typing import Any
 
+from llava_jax.errors import UnsupportedError
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -206,7 +208,7 @@ class LlavaConfig:
             text = dataclasses.replace(text, tie_word_embeddings=True)
         act = hf.get("projector_hidden_act", "gelu")
         if act != "gelu":
-            raise NotImplementedError(f"projector_hidden_act {act!r} is not supported (only 'gelu', exact erf)")
+            raise UnsupportedError(f"projector_hidden_act {act!r} is not supported (only 'gelu', exact erf)")
         layer = hf.get("vision_feature_layer", -2)
         kwargs: dict[str, Any] = dict(
             vision=vision_config_from_hf(hf.get("vision_config") or {}),
@@ -255,9 +257,9 @@ def vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:
     hf = {**_LLAVA_CLIP_DEFAULTS, **hf}
     mt = hf.get("model_type", "clip_vision_model")
     if mt not in ("clip_vision_model", "clip"):
-        raise NotImplementedError(f"vision tower model_type {mt!r} is not supported (only CLIP ViT)")
+        raise UnsupportedError(f"vision tower model_type {mt!r} is not supported (only CLIP ViT)")
     if hf["hidden_act"] not in ("quick_gelu", "gelu"):
-        raise NotImplementedError(f"vision hidden_act {hf['hidden_act']!r} is not supported")
+        raise UnsupportedError(f"vision hidden_act {hf['hidden_act']!r} is not supported")
     return VisionConfig(
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
@@ -293,13 +295,13 @@ def _rope(hf: dict[str, Any]) -> tuple[float, float]:
         return float(theta), 1.0
     if kind == "linear":
         return float(theta), float(factor)
-    raise NotImplementedError(f"RoPE scaling type {kind!r} is not supported (only 'default' and 'linear')")
+    raise UnsupportedError(f"RoPE scaling type {kind!r} is not supported (only 'default' and 'linear')")
 
 
 def text_config_from_hf(hf: dict[str, Any]) -> TextConfig:
     mt = hf.get("model_type", "llama")
     if mt not in ("llama", "mistral"):
-        raise NotImplementedError(f"text model_type {mt!r} is not supported (llama or mistral)")
+        raise UnsupportedError(f"text model_type {mt!r} is not supported (llama or mistral)")
     hf = {**(_MISTRAL_DEFAULTS if mt == "mistral" else _LLAMA_DEFAULTS), **hf}
     heads = hf["num_attention_heads"]
     theta, factor = _rope(hf)

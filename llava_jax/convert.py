@@ -19,15 +19,18 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
+from llava_jax.atomic import check_new_dir
 from llava_jax.chat import checkpoint_template
 from llava_jax.checkpoints import orbax
+from llava_jax.errors import ConfigError, run_app
 from llava_jax.pipeline import checkpoint_kind, load_model, side_directory
 
 _SRC = flags.DEFINE_string("src", None, "llava-hf or original LLaVA checkpoint directory, or a GGUF language model.")
 _VISION_TOWER = flags.DEFINE_string("vision_tower", None, "Original LLaVA only: the CLIP directory "
                                     "(default: config.json's mm_vision_tower).")  # fmt: skip
 _MMPROJ = flags.DEFINE_string("mmproj", None, "GGUF only: the multimodal projector file of --src.")
-_OUT = flags.DEFINE_string("out", None, "Output directory; must not hold a model yet.")
+_OUT = flags.DEFINE_string("out", None, "Output directory: new or empty; written aside (OUT.partial) and renamed "
+                           "into place when complete.")  # fmt: skip
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
 
 
@@ -35,19 +38,23 @@ def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
             vision_tower: str | None = None, mmproj: str | None = None) -> dict:  # fmt: skip
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
-        raise ValueError("--out must differ from --src")
+        raise ConfigError("--out must differ from --src")
+    check_new_dir(out)  # before the minutes of loading
     kind = checkpoint_kind(src)
     if kind == "llava_jax":
-        raise ValueError(f"{src} is already a llava_jax model directory")
+        raise ConfigError(f"--src {src} is already a llava_jax model directory; load it directly")
     model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
     state = nnx.state(model)
-    orbax.save_model_dir(out, state, config, copy_from=None if kind == "gguf" else src,
-                         template=checkpoint_template(src, config))  # fmt: skip
-    if kind == "gguf":
-        write_gguf_side_files(src, mmproj, out)
     preprocessor = os.path.join(side_directory(src, vision_tower), "preprocessor_config.json")
-    if not os.path.exists(os.path.join(out, "preprocessor_config.json")) and os.path.isfile(preprocessor):
-        shutil.copy2(preprocessor, out)  # an original checkpoint's lives in its CLIP directory
+
+    def side_files(directory: str) -> None:  # before the marker: a killed conversion leaves no model
+        if kind == "gguf":
+            write_gguf_side_files(src, mmproj, directory)
+        if not os.path.exists(os.path.join(directory, "preprocessor_config.json")) and os.path.isfile(preprocessor):
+            shutil.copy2(preprocessor, directory)  # an original checkpoint's lives in its CLIP directory
+
+    orbax.save_model_dir(out, state, config, copy_from=None if kind == "gguf" else src,
+                         template=checkpoint_template(src, config), extra_files=side_files)  # fmt: skip
     n_params = sum(x.size for x in jax.tree.leaves(state))
     return {"src": src, "out": out, "dtype": dtype, "parameters": int(n_params), "seconds": round(time.time() - start, 1)}
 
@@ -75,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

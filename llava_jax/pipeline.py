@@ -17,7 +17,8 @@ from jax.sharding import Mesh, NamedSharding
 from llava_jax import sharding as shd
 from llava_jax.checkpoints import gguf, hf, orbax, original
 from llava_jax.checkpoints.params import read_params
-from llava_jax.checkpoints.safetensors_io import CheckpointError
+from llava_jax.atomic import leftover_hint
+from llava_jax.errors import CheckpointError, ConfigError, MissingInputError
 from llava_jax.chat import ChatSession
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
@@ -40,13 +41,15 @@ def checkpoint_kind(path: str) -> str:
     """'llava_jax' (our model directory), 'hf' (llava-hf), 'original' (haotian-liu/LLaVA) or 'gguf'
     (llama.cpp: a .gguf file, or a directory holding the model and its mmproj .gguf)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingInputError(f"no checkpoint at {path}{leftover_hint(path)}")
     if os.path.isdir(path) and orbax.is_model_dir(path):
         return "llava_jax"
+    if orbax.incomplete_model_dir(path):
+        raise CheckpointError(f"{path} holds parameters but no {orbax.MARKER}: an interrupted write left it; "
+                              "delete it and convert (or save) again")  # fmt: skip
     config_path = os.path.join(path, "config.json")
     if os.path.isdir(path) and os.path.isfile(config_path):
-        with open(config_path) as f:
-            cfg = json.load(f)
+        cfg = original.read_json(config_path)
         if original.is_original_config(cfg):  # before model_type: original 1.5 configs say "llava" too
             return "original"
         if cfg.get("model_type") in ("llava", "llava_next"):
@@ -69,9 +72,9 @@ def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, pro
     """
     kind = checkpoint_kind(path)
     if vision_tower is not None and kind != "original":
-        raise ValueError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
+        raise ConfigError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
     if mmproj is not None and kind != "gguf":
-        raise ValueError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
+        raise ConfigError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
     if kind == "llava_jax":
         config = orbax.read_config(path)
     elif kind == "hf":

@@ -36,6 +36,8 @@ from llava_jax.checkpoints.params import Rule
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.checkpoints.torch_bin import has_weights, open_weights
 from llava_jax.config import LlavaConfig, projector_depth, text_config_from_hf, vision_config_from_clip
+from llava_jax.errors import UnsupportedError
+from llava_jax.json_file import read_json_object
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 CLIP_PREFIX = "vision_model."  # a CLIPModel, or a CLIPVisionModel saved by transformers 4
@@ -56,13 +58,7 @@ def is_original_config(cfg: dict[str, Any]) -> bool:
 
 
 def read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return read_json_object(path, CheckpointError)
 
 
 def find_vision_tower(directory: str, cfg: dict[str, Any], vision_tower: str | None = None) -> str:
@@ -98,7 +94,7 @@ def _text_model_type(cfg: dict[str, Any]) -> str:
     for arch in architectures:
         if arch in _ARCHITECTURES:
             return _ARCHITECTURES[arch]
-    raise NotImplementedError(
+    raise UnsupportedError(
         f"original LLaVA model_type {model_type!r} (architectures {architectures}) is not supported; supported are "
         f"LLaMA/Vicuna/Yi (model_type llava, llava_llama) and Mistral (llava_mistral) text models"
     )
@@ -139,11 +135,11 @@ def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **ove
         )
     aspect = cfg.get("image_aspect_ratio") or "square"  # the original: anything else is plain CLIP preprocessing
     if aspect not in ASPECT_RATIOS:
-        raise NotImplementedError(f"image_aspect_ratio {aspect!r} is not supported; expected one of {ASPECT_RATIOS}")
+        raise UnsupportedError(f"image_aspect_ratio {aspect!r} is not supported; expected one of {ASPECT_RATIOS}")
     merge = cfg.get("mm_patch_merge_type", "flat")
     if aspect == "anyres":
         if merge not in MERGE_TYPES:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"mm_patch_merge_type {merge!r} is not supported; the original LLaVA implements {MERGE_TYPES}"
             )
         if "image_grid_pinpoints" not in cfg:

@@ -30,6 +30,7 @@ import numpy as np
 
 from llava_jax.data import conversation
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.errors import DataError, UnsupportedError
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -37,7 +38,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 _SUPPORTED_STYLES = ("two", "llama_2", "mpt", "plain")
 
 
-class BadRecord(ValueError):
+class BadRecord(DataError):
     """A record that cannot become a training example.
 
     `reason` is a short tag the pipeline counts by: malformed, empty_conversation, roles, no_reply,
@@ -144,7 +145,7 @@ class ExampleBuilder:
     def __post_init__(self):
         style = conversation.get_template(self.template).style
         if style not in _SUPPORTED_STYLES:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"training examples for template {self.template!r} ({style} style) are not supported; "
                 "use vicuna_v1, llava_v1, mistral_instruct, llava_llama_2, chatml_direct, mpt or plain"
             )

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from llava_jax.errors import ImageError
 from llava_jax.model import anyres
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -30,8 +31,12 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
 ImageLike = Union[Image.Image, np.ndarray]
 
 
-class UnreadableImageError(ValueError):
-    """An image file (or bytes) that Pillow cannot decode."""
+class UnreadableImageError(ImageError):
+    """An image file (or bytes) that Pillow cannot decode, or one larger than Pillow's decompression-bomb limit."""
+
+
+class ImageNotFoundError(ImageError, FileNotFoundError):
+    """An image path that does not exist."""
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -54,7 +59,11 @@ def load_image(source: ImageSource) -> Image.Image:
         image.load()
         image = ImageOps.exif_transpose(image)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {name}; check the path") from None
+        raise ImageNotFoundError(f"image file not found: {name}; check the path") from None
+    except Image.DecompressionBombError as err:
+        raise UnreadableImageError(
+            f"cannot read image {name}: {err}; downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UnreadableImageError(
             f"cannot read image {name}: {err}; expected an image file Pillow can decode (PNG, JPEG, ...)"

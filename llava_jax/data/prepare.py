@@ -18,16 +18,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from llava_jax.errors import InputError
 from llava_jax.model.anyres import num_image_tokens
 
 IMAGE_TAG = "<image>"
 
 
-class ImageCountError(ValueError):
+class ImageCountError(InputError):
     """The text's `<image>` tags and the images given do not pair up."""
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(InputError):
     """The prompt, image tokens included, is longer than the model was trained on."""
 
 

@@ -34,6 +34,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from llava_jax.errors import UnsupportedError
+
 _LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 _GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -143,7 +145,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
     elif files.has_json and (tokenizer_class is None or tokenizer_class in _GENERIC_CLASSES):
         backend, sp_tokens = tokenizers.Tokenizer.from_file(files.path("tokenizer.json")), []
     else:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"{directory}: tokenizer_class {tokenizer_class!r} is not supported; supported are "
             f"{_LLAMA_CLASSES + _GENERIC_CLASSES} (LLaVA's LLaMA, Vicuna, Mistral and Yi tokenizers), "
             "or a directory with tokenizer.json and no tokenizer_class"
@@ -193,7 +195,7 @@ def _llama_backend(files: _TokenizerFiles, config: dict) -> tuple[tokenizers.Tok
     if files.has_json:
         model = files.read_json("tokenizer.json")["model"]
         if model.get("type") != "BPE":
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"{files.directory}/tokenizer.json: model type {model.get('type')!r}, expected BPE"
             )
         vocab = model["vocab"]
@@ -226,7 +228,7 @@ def _read_sentencepiece_bpe(path: str) -> tuple[dict[str, int], list[tuple[str, 
     with open(path, "rb") as f:
         proto.ParseFromString(f.read())
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise NotImplementedError(f"{path}: only sentencepiece BPE models (LLaMA family) are supported")
+        raise UnsupportedError(f"{path}: only sentencepiece BPE models (LLaMA family) are supported")
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     added = [
         tokenizers.AddedToken(piece.piece, normalized=False, special=piece.type == _SP_CONTROL)
