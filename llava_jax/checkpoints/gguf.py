@@ -45,7 +45,7 @@ from llava_jax.checkpoints.hf import layer_norm, linear, patch_to_file, patch_to
 from llava_jax.checkpoints.params import Rule, transpose
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.errors import UnsupportedError
+from llava_jax.errors import ConfigError, MissingInputError, UnsupportedError
 
 IMAGE_NEWLINE_KEYS = ("model.image_newline", "v.image_newline")
 POST_LN_KEYS = ("v.post_ln.weight", "v.post_ln.bias")
@@ -68,7 +68,7 @@ def find_pair(path: str, mmproj: str | None = None) -> tuple[str, str]:
     exactly one `mmproj*.gguf` and one other `.gguf`."""
     if os.path.isdir(path):
         if mmproj is not None:
-            raise ValueError(f"{path} is a directory; pass the language-model .gguf file as path with mmproj=")
+            raise ConfigError(f"{path} is a directory; pass the language-model .gguf file as path with mmproj=")
         files = sorted(glob.glob(os.path.join(path, "*.gguf")))
         projectors = [f for f in files if os.path.basename(f).startswith("mmproj")]
         models = [f for f in files if f not in projectors]
@@ -85,7 +85,7 @@ def find_pair(path: str, mmproj: str | None = None) -> tuple[str, str]:
             "mmproj=PATH/mmproj-*.gguf (infer.py: --mmproj), or put both files in one directory and pass that"
         )
     if not os.path.isfile(mmproj):
-        raise FileNotFoundError(f"mmproj file {mmproj} does not exist")
+        raise MissingInputError(f"mmproj file {mmproj} does not exist")
     return path, mmproj
 
 

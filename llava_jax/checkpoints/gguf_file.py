@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from llava_jax.checkpoints.safetensors_io import CheckpointError
+from llava_jax.checkpoints.gguf_header import check_gguf_header
+from llava_jax.errors import CheckpointError, MissingInputError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -40,17 +41,19 @@ class GGUFFile:
     def __init__(self, path: str):
         self.path = path
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no GGUF file at {path}")
+            raise MissingInputError(f"no GGUF file at {path}")
         if not is_gguf(path):
             raise CheckpointError(f"{path} is not a GGUF file (it does not start with the bytes {GGUF_MAGIC!r})")
         gguf = _gguf()
+        check_gguf_header(path)  # counts and lengths against the file size, before gguf-py trusts them
         try:
             reader = gguf.GGUFReader(path, "r")
-        except (ValueError, OSError, IndexError) as e:
-            raise CheckpointError(f"{path} is not a valid GGUF file: {e}") from e
+            self.metadata: dict[str, Any] = {name: _value(field) for name, field in reader.fields.items()
+                                             if not name.startswith("GGUF.")}  # fmt: skip
+        except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:  # UnicodeDecodeError too
+            raise CheckpointError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e}); download or "
+                                  "convert it again") from e  # fmt: skip
         self._gguf = gguf
-        self.metadata: dict[str, Any] = {name: _value(field) for name, field in reader.fields.items()
-                                         if not name.startswith("GGUF.")}  # fmt: skip
         self._tensors = {t.name: t for t in reader.tensors}
 
     def get(self, key: str, default: Any = None) -> Any:
