@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any
 
-from llava_jax.errors import UnsupportedError
+from llava_jax.errors import UnknownNameError, UnsupportedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,5 +342,5 @@ PRESETS: dict[str, LlavaConfig] = {
 
 def preset(name: str, **overrides) -> LlavaConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        raise UnknownNameError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

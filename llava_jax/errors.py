@@ -72,3 +72,10 @@ class OutputExistsError(UserError, FileExistsError):
 
 class MissingInputError(UserError, FileNotFoundError):
     """A path the user gave (checkpoint, data file, directory) does not exist."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name (conversation template, preset) that is not among the known ones; the message lists them."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
