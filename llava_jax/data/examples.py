@@ -153,6 +153,8 @@ class ExampleBuilder:
             raise ValueError(f"overlong must be 'truncate' or 'skip', got {self.overlong!r}")
 
     def __call__(self, record: dict, image_sizes: Sequence[tuple[int, int]] = ()) -> dict[str, np.ndarray]:
+        if not isinstance(record, dict):
+            raise BadRecord("malformed", f"a record is a JSON object, got {type(record).__name__}")
         record_id = record.get("id")
         num_images = len(record_images(record))
         if len(image_sizes) != num_images:
