@@ -36,6 +36,11 @@ IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _SUPPORTED_STYLES = ("two", "llama_2", "mpt", "plain")
+# The original's preprocess_v1 / preprocess_llama_2 mask each instruction up to its separator
+# ("ASSISTANT: ", "[/INST] ") minus the one token the separator's trailing space becomes when tokenized
+# alone: the space before a reply is supervised, so a token that is only that space ("▁" before a
+# digit, which LLaMA's tokenizer splits off) is learned too, as in the original.
+_SPACE_BEFORE_REPLY_STYLES = ("two", "llama_2")
 
 
 class BadRecord(DataError):
@@ -170,8 +175,11 @@ class ExampleBuilder:
             )
         reply_chars = np.zeros(len(text), dtype=bool)
         start = 0
+        space_joins_reply = conversation.get_template(self.template).style in _SPACE_BEFORE_REPLY_STYLES
         for span in spans:
             reply_chars[start : start + len(span.text)] = span.is_reply
+            if span.is_reply and space_joins_reply and start > 0 and text[start - 1] == " ":
+                reply_chars[start - 1] = True  # see _SPACE_BEFORE_REPLY_STYLES
             start += len(span.text)
 
         ids: list[int] = []
