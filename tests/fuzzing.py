@@ -39,7 +39,7 @@ class Tally:
             result = case()
             self.outcomes["ok"] += 1
         except UserError as e:
-            self.outcomes[type(e).__name__] += 1
+            self.outcomes[type(e).__name__ + (f":{e.reason}" if hasattr(e, "reason") else "")] += 1
             result = e
         elapsed = time.perf_counter() - start
         self.slowest = max(self.slowest, elapsed)
