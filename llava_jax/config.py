@@ -12,7 +12,8 @@ import os
 import re
 from typing import Any
 
-from llava_jax.errors import UnknownNameError, UnsupportedError
+from llava_jax.errors import ConfigError, UnknownNameError, UnsupportedError
+from llava_jax.json_file import read_json_object
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ class TextConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
 
@@ -83,7 +84,7 @@ def projector_depth(projector_type: str) -> int:
         return 0
     match = _MLP_GELU.match(projector_type)
     if not match or int(match.group(1)) < 1:
-        raise ValueError(f"unknown projector type {projector_type!r}; expected one of {PROJECTOR_TYPES}")
+        raise ConfigError(f"unknown projector type {projector_type!r}; expected one of {PROJECTOR_TYPES}")
     return int(match.group(1))
 
 
@@ -117,18 +118,18 @@ class LlavaConfig:
     def __post_init__(self):
         projector_depth(self.projector_type)
         if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(
+            raise ConfigError(
                 f"vision_feature_select_strategy must be 'default' or 'full', "
                 f"got {self.vision_feature_select_strategy!r}"
             )
         n = self.vision.num_layers
         for layer in self.feature_layers:
             if not -(n + 1) <= layer <= n:
-                raise ValueError(f"vision_feature_layer {layer} is out of range for a {n}-layer vision tower")
+                raise ConfigError(f"vision_feature_layer {layer} is out of range for a {n}-layer vision tower")
         if self.semantics not in ("hf", "original"):
-            raise ValueError(f"semantics must be 'hf' or 'original', got {self.semantics!r}")
+            raise ConfigError(f"semantics must be 'hf' or 'original', got {self.semantics!r}")
         if self.patch_merge_type not in ("flat", "spatial", "spatial_unpad"):
-            raise ValueError(
+            raise ConfigError(
                 f"patch_merge_type must be 'flat', 'spatial' or 'spatial_unpad', got {self.patch_merge_type!r}"
             )
 
@@ -155,6 +156,17 @@ class LlavaConfig:
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
 
     @property
+    def context_length(self) -> int:
+        """Positions the language model has (max_position_embeddings): prompt and reply together."""
+        return self.text.max_position_embeddings
+
+    @property
+    def prompt_limit(self) -> int:
+        """The longest prompt accepted: the length trained on where the checkpoint records it
+        (model_max_length), else the context length."""
+        return min(self.model_max_length or self.context_length, self.context_length)
+
+    @property
     def projector_in_dim(self) -> int:
         return self.vision.hidden_size * len(self.feature_layers)
 
@@ -178,7 +190,7 @@ class LlavaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown LlavaConfig fields {sorted(unknown)}")
+            raise ConfigError(f"unknown LlavaConfig fields {sorted(unknown)}")
         return cls(vision=vision, text=text, **d)
 
     def to_json(self, path: str) -> None:
@@ -198,11 +210,10 @@ class LlavaConfig:
         """
         if isinstance(hf, str):
             path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
-            with open(path) as f:
-                hf = json.load(f)
+            hf = read_json_object(path)
         model_type = hf.get("model_type")
         if model_type not in ("llava", "llava_next"):
-            raise ValueError(f"expected a llava-hf config with model_type 'llava' or 'llava_next', got {model_type!r}")
+            raise ConfigError(f"expected a llava-hf config with model_type 'llava' or 'llava_next', got {model_type!r}")
         text = text_config_from_hf(hf.get("text_config") or {})
         if hf.get("tie_word_embeddings") and not text.tie_word_embeddings:
             text = dataclasses.replace(text, tie_word_embeddings=True)

@@ -22,7 +22,7 @@ from llava_jax.errors import CheckpointError, ConfigError, MissingInputError
 from llava_jax.chat import ChatSession
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
-from llava_jax.data.prepare import prepare_inputs
+from llava_jax.data.prepare import PromptTooLong, prepare_inputs
 from llava_jax.feature_cache import ImageFeatureCache
 from llava_jax.generate import Generator, prompt_rows
 from llava_jax.model import anyres, anyres_merge
@@ -75,14 +75,19 @@ def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, pro
         raise ConfigError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
     if mmproj is not None and kind != "gguf":
         raise ConfigError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
-    if kind == "llava_jax":
-        config = orbax.read_config(path)
-    elif kind == "hf":
-        config = LlavaConfig.from_hf(path)
-    elif kind == "gguf":
-        config, tensors = gguf.load_gguf(path, mmproj)
-    else:
-        config, tensors, _ = original.load_original(path, vision_tower)
+    try:
+        if kind == "llava_jax":
+            config = orbax.read_config(path)
+        elif kind == "hf":
+            config = LlavaConfig.from_hf(path)
+        elif kind == "gguf":
+            config, tensors = gguf.load_gguf(path, mmproj)
+        else:
+            config, tensors, _ = original.load_original(path, vision_tower)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong type
+        where = path if kind == "gguf" else os.path.join(path, orbax.MARKER if kind == "llava_jax" else "config.json")
+        raise CheckpointError(f"{where}: a configuration field is missing or malformed ({type(e).__name__}: {e}); "
+                              "the checkpoint is damaged or of an unsupported kind") from e  # fmt: skip
     config = config.replace(param_dtype=dtype, dtype=dtype)
     graphdef, abstract = abstract_model(config)
     shardings = shd.state_shardings(abstract, mesh) if mesh is not None else None
@@ -221,6 +226,9 @@ class Pipeline:
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
+        if input_ids.shape[-1] > self.config.context_length:
+            raise PromptTooLong(f"input_ids hold {input_ids.shape[-1]} positions, more than the model's context of "
+                                f"{self.config.context_length} (max_position_embeddings); shorten the input")  # fmt: skip
         model = self.model
         n_features = 0 if pixel_values is None else model.num_image_features(np.shape(pixel_values), image_sizes)
         check_image_tokens(input_ids, self.config.image_token_id, n_features)

@@ -36,7 +36,7 @@ from llava_jax.checkpoints.params import Rule
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.checkpoints.torch_bin import has_weights, open_weights
 from llava_jax.config import LlavaConfig, projector_depth, text_config_from_hf, vision_config_from_clip
-from llava_jax.errors import UnsupportedError
+from llava_jax.errors import ConfigError, UnsupportedError
 from llava_jax.json_file import read_json_object
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -106,11 +106,11 @@ def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError) as e:
-            raise ValueError(f"image_grid_pinpoints {value!r} is not a list of (a, b) pairs") from e
+            raise ConfigError(f"image_grid_pinpoints {value!r} is not a list of (a, b) pairs") from e
     try:
         return tuple((int(a), int(b)) for a, b in value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"image_grid_pinpoints {value!r} is not a list of (a, b) pairs") from e
+        raise ConfigError(f"image_grid_pinpoints {value!r} is not a list of (a, b) pairs") from e
 
 
 def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **overrides) -> LlavaConfig:
@@ -122,15 +122,15 @@ def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **ove
     try:
         projector_depth(projector_type)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"mm_projector_type {projector_type!r} is not supported; the original LLaVA builds 'linear', "
             "'mlpNx_gelu' (e.g. 'mlp2x_gelu') and 'identity'"
         ) from None
     if "mm_vision_select_layer" not in cfg:
-        raise ValueError("config.json lacks mm_vision_select_layer (the CLIP hidden state LLaVA reads, e.g. -2)")
+        raise ConfigError("config.json lacks mm_vision_select_layer (the CLIP hidden state LLaVA reads, e.g. -2)")
     feature = cfg.get("mm_vision_select_feature", "patch")
     if feature not in SELECT_FEATURE:
-        raise ValueError(
+        raise ConfigError(
             f"mm_vision_select_feature {feature!r} is not supported; expected one of {list(SELECT_FEATURE)}"
         )
     aspect = cfg.get("image_aspect_ratio") or "square"  # the original: anything else is plain CLIP preprocessing
@@ -143,13 +143,13 @@ def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **ove
                 f"mm_patch_merge_type {merge!r} is not supported; the original LLaVA implements {MERGE_TYPES}"
             )
         if "image_grid_pinpoints" not in cfg:
-            raise ValueError("image_aspect_ratio 'anyres' needs image_grid_pinpoints in config.json")
+            raise ConfigError("image_aspect_ratio 'anyres' needs image_grid_pinpoints in config.json")
         pinpoints = _pinpoints(cfg["image_grid_pinpoints"])
     else:
         # One tile per image: the original's features are then flat whatever mm_patch_merge_type says.
         merge, pinpoints = "flat", None
     if merge != "flat" and feature != "patch":
-        raise ValueError(
+        raise ConfigError(
             f"mm_patch_merge_type {merge!r} needs mm_vision_select_feature 'patch' (the original asserts it)"
         )
     layer = cfg["mm_vision_select_layer"]
@@ -171,7 +171,7 @@ def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **ove
     config = LlavaConfig(**kwargs)
     mm_hidden = cfg.get("mm_hidden_size")
     if mm_hidden is not None and mm_hidden != config.projector_in_dim:
-        raise ValueError(
+        raise ConfigError(
             f"config.json has mm_hidden_size {mm_hidden} but the vision tower gives {config.projector_in_dim} "
             "features per patch; is vision_tower the CLIP model this checkpoint was trained with?"
         )

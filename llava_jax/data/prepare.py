@@ -98,11 +98,12 @@ def prepare_inputs(text: str, images: Any = (), *, tokenizer, image_processor, c
         counts = [num_image_tokens(config, tuple(int(v) for v in size)) for size in image_sizes]
     encode = original_ids if config.semantics == "original" else hf_ids
     ids = encode(text, tokenizer, config.image_token_id, counts)
-    limit = config.model_max_length
-    if limit is not None and len(ids) > limit:
+    limit = config.prompt_limit
+    if len(ids) > limit:
+        what = ("the model was trained on (tokenizer_model_max_length; the original LLaVA would cut it silently)"
+                if config.model_max_length else "of the model's context (max_position_embeddings)")  # fmt: skip
         raise PromptTooLong(
-            f"the prompt is {len(ids)} tokens ({sum(counts)} of them image tokens), longer than the {limit} the "
-            "model was trained on (tokenizer_model_max_length; the original LLaVA would cut it silently); "
+            f"the prompt is {len(ids)} tokens ({sum(counts)} of them image tokens), longer than the {limit} {what}; "
             "shorten the text or pass fewer or smaller images"
         )
     input_ids = np.asarray([ids], np.int64)
