@@ -101,8 +101,13 @@ def restore_params(directory: str, abstract: nnx.State, shardings: nnx.State | N
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             restored = checkpointer.restore(params_dir, jax.tree.map(target, pure, shard))
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"parameters in {params_dir} do not fit the model config: {e}") from e
+        except Exception as e:
+            # tensorstore reports damaged array files as plain Exceptions; anything else is not the files'
+            if not (type(e) is Exception or isinstance(e, (ValueError, KeyError, OSError))):
+                raise
+            message = " ".join(str(e).split())[:400]
+            raise CheckpointError(f"the parameters in {params_dir} are damaged or do not fit the model config "
+                                  f"({type(e).__name__}: {message}); convert the checkpoint again") from e  # fmt: skip
     state = jax.tree.map(lambda v: v, abstract)
     nnx.replace_by_pure_dict(state, restored)
     return state

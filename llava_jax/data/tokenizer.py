@@ -34,7 +34,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from llava_jax.errors import UnsupportedError
+from llava_jax.errors import CheckpointError, MissingInputError, UnsupportedError, UserError
+from llava_jax.json_file import read_json_object
 
 _LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 _GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
@@ -133,9 +134,21 @@ class Tokenizer:
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-    """The tokenizer of a checkpoint directory (llava-hf, original LLaVA, or a bare tokenizer.json)."""
+    """The tokenizer of a checkpoint directory (llava-hf, original LLaVA, or a bare tokenizer.json).
+
+    Damaged tokenizer files raise CheckpointError naming the directory."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist")
+        raise MissingInputError(f"tokenizer directory {directory!r} does not exist")
+    try:
+        return _load_tokenizer(directory)
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, OSError, RuntimeError) as e:  # a file's content is wrong
+        raise CheckpointError(f"cannot read the tokenizer files in {directory} ({type(e).__name__}: {e}); "
+                              "take them from the checkpoint's release again") from e  # fmt: skip
+
+
+def _load_tokenizer(directory: str) -> Tokenizer:
     files = _TokenizerFiles(directory)
     config = files.config
     tokenizer_class = config.get("tokenizer_class")
@@ -143,7 +156,10 @@ def load_tokenizer(directory: str) -> Tokenizer:
     if is_llama:
         backend, sp_tokens = _llama_backend(files, config)
     elif files.has_json and (tokenizer_class is None or tokenizer_class in _GENERIC_CLASSES):
-        backend, sp_tokens = tokenizers.Tokenizer.from_file(files.path("tokenizer.json")), []
+        try:
+            backend, sp_tokens = tokenizers.Tokenizer.from_file(files.path("tokenizer.json")), []
+        except Exception as e:  # noqa: BLE001 (the tokenizers library raises plain Exceptions on a bad file)
+            raise CheckpointError(f"{files.path('tokenizer.json')} is not a tokenizer file tokenizers can read: {e}") from e
     else:
         raise UnsupportedError(
             f"{directory}: tokenizer_class {tokenizer_class!r} is not supported; supported are "
@@ -168,7 +184,7 @@ class _TokenizerFiles:
         self.has_model = os.path.isfile(self.path("tokenizer.model"))
         self.has_json = os.path.isfile(self.path("tokenizer.json"))
         if not (self.has_model or self.has_json):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{directory} has neither tokenizer.model nor tokenizer.json; point at the checkpoint directory "
                 "that holds the tokenizer files"
             )
@@ -182,8 +198,7 @@ class _TokenizerFiles:
         """The parsed file, or None where the directory lacks it (each file is parsed once)."""
         if name not in self._parsed:
             if os.path.isfile(self.path(name)):
-                with open(self.path(name), encoding="utf-8") as f:
-                    self._parsed[name] = json.load(f)
+                self._parsed[name] = read_json_object(self.path(name), CheckpointError)
             else:
                 self._parsed[name] = None
         return self._parsed[name]
@@ -224,9 +239,14 @@ def _read_sentencepiece_bpe(path: str) -> tuple[dict[str, int], list[tuple[str, 
     """Vocabulary, BPE merges and control/user-defined pieces of a sentencepiece BPE model."""
     from sentencepiece import sentencepiece_model_pb2
 
+    from google.protobuf.message import DecodeError
+
     proto = sentencepiece_model_pb2.ModelProto()
     with open(path, "rb") as f:
-        proto.ParseFromString(f.read())
+        try:
+            proto.ParseFromString(f.read())
+        except DecodeError as e:
+            raise CheckpointError(f"{path} is not a sentencepiece model ({e}); take it from the release again") from e
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
         raise UnsupportedError(f"{path}: only sentencepiece BPE models (LLaMA family) are supported")
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
