@@ -34,7 +34,7 @@ flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0 = all)
 flags.DEFINE_float("top_p", 1.0, "sample from the smallest set of tokens whose probability reaches p")
 flags.DEFINE_integer("max_new_tokens", 512, "most tokens per answer")
 flags.DEFINE_integer("seed", 0, "sampling seed (the same seed gives the same answer)")
-flags.DEFINE_string("dtype", "bfloat16", "float32 or bfloat16 (parameters and activations)")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "parameters and activations")
 
 def answer(session, prompt: str, sampling: dict, out=sys.stdout) -> dict:
     """Streams one reply to `out`; returns its summary."""

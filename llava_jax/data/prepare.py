@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from llava_jax.errors import InputError
+from llava_jax.errors import ConfigError, InputError
 from llava_jax.model.anyres import num_image_tokens
 
 IMAGE_TAG = "<image>"
@@ -78,7 +78,7 @@ def prepare_inputs(text: str, images: Any = (), *, tokenizer, image_processor, c
     if not isinstance(text, str):
         raise TypeError(f"text must be one string, got {type(text).__name__}")
     if tokenizer is None:
-        raise ValueError("this Pipeline has no tokenizer (the checkpoint directory has no tokenizer files); "
+        raise ConfigError("this Pipeline has no tokenizer (the checkpoint directory has no tokenizer files); "
                          "pass tokenizer= to Pipeline")  # fmt: skip
     if not isinstance(images, (list, tuple)):
         images = [images]
@@ -92,7 +92,7 @@ def prepare_inputs(text: str, images: Any = (), *, tokenizer, image_processor, c
     counts: list[int] = []
     if images:
         if image_processor is None:
-            raise ValueError("this Pipeline has no image processor; pass image_processor= to Pipeline")
+            raise ConfigError("this Pipeline has no image processor; pass image_processor= to Pipeline")
         processed = image_processor(list(images))
         pixel_values, image_sizes = processed["pixel_values"], processed["image_sizes"]
         counts = [num_image_tokens(config, tuple(int(v) for v in size)) for size in image_sizes]
