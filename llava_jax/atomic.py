@@ -6,9 +6,10 @@
         write_everything_but_the_marker(tmp)
         write_marker(os.path.join(tmp, "llava_jax.json"))   # last: a reader trusts a directory with it
 
-A writer killed midway leaves only `<target>.partial` beside the target, never a target that looks
-complete; the next write refuses to start while that leftover exists and says how to clear it
-(`check_no_leftover`), and readers name it when the target is missing (`leftover_hint`).
+A writer that fails removes its partial copy; one killed midway leaves only `<target>.partial` beside
+the target, never a target that looks complete. The next write of a directory refuses to start while
+that leftover exists and says how to clear it (`check_no_leftover`), and readers name it when the
+target is missing (`leftover_hint`).
 """
 
 from __future__ import annotations
@@ -107,14 +108,20 @@ def atomic_dir(target: str, marker: str | None = None, commit: bool = True) -> I
       directory without it never appears under `target`.
     commit: False on all but one process of a multi-process job (the others write into the directory
       that one creates; it renames the directory once every writer has finished).
-    On an exception nothing is renamed: `<target>.partial` stays for inspection, and the next write
-    refuses to start until it is deleted (check_no_leftover), since another writer may still be running.
+    On an exception nothing is renamed and the partial directory is removed. A writer killed outright
+    leaves `<target>.partial`: the next write refuses to start until it is deleted (check_no_leftover),
+    since another writer may still be running.
     """
     tmp = partial_path(target)
     if commit:  # the other processes leave creating it to this one (orbax synchronises them)
         check_new_dir(target)
         os.makedirs(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if commit:  # ours alone: a failure (or Ctrl-C) leaves nothing; only a killed process leaves tmp
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if not commit:
         return
     if marker is not None and not os.path.isfile(os.path.join(tmp, marker)):

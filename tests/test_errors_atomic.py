@@ -44,7 +44,7 @@ def test_atomic_dir_needs_its_marker_and_refuses_leftovers(tmp_path):
     with pytest.raises(RuntimeError, match="marker.json"):
         with atomic.atomic_dir(target, marker="marker.json") as tmp:
             open(os.path.join(tmp, "weights"), "w").close()
-    assert not os.path.exists(target) and os.path.isdir(target + ".partial")
+    assert not os.path.exists(target) and os.path.isdir(target + ".partial")  # (the marker check is after the body)
     with pytest.raises(atomic.InterruptedWriteError, match=r"rm -r .*out\.partial"):
         with atomic.atomic_dir(target, marker="marker.json"):
             pass
@@ -131,7 +131,8 @@ def test_interrupted_conversion_is_never_loaded(hf_dir, tmp_path, monkeypatch, f
     with pytest.raises(KeyboardInterrupt):
         convert(hf_dir, out, "float32", progress=False)
     monkeypatch.undo()
-    assert not os.path.exists(out)
+    assert os.listdir(tmp_path) == []  # the failed writer removed its partial directory
+    os.makedirs(out + ".partial")  # what a writer killed at that point leaves (the SIGKILL test above)
     with pytest.raises(MissingInputError, match=r"converted\.partial is the unfinished output.*delete it"):
         llava_jax.load(out)
     with pytest.raises(atomic.InterruptedWriteError, match=r"converted\.partial"):
@@ -183,3 +184,26 @@ def test_one_line_joins_multiline_messages():
 
     assert one_line(ConfigError("first\n  second\n")) == "error: first | second"
     assert json.dumps(one_line(ConfigError("x"))).count("\\n") == 0
+
+
+def test_killed_conversion_leaves_nothing_loadable(hf_dir, tmp_path):
+    """`python -m llava_jax.convert` killed (SIGKILL) once its partial directory appears, and once its
+    parameters are being written: --out never appears; the leftover is named and refused."""
+    import time
+
+    for i, stage in enumerate(["", "params"]):
+        out = str(tmp_path / f"out{i}")
+        proc = subprocess.Popen([sys.executable, "-m", "llava_jax.convert", f"--src={hf_dir}", f"--out={out}"],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        watched = os.path.join(out + ".partial", stage)
+        deadline = time.monotonic() + 240
+        while not os.path.exists(watched) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert os.path.exists(watched), f"the conversion ended before {watched} appeared"
+        assert not os.path.exists(out)
+        with pytest.raises(MissingInputError, match="unfinished output of an interrupted write"):
+            llava_jax.load(out)
+        with pytest.raises(atomic.InterruptedWriteError):
+            convert(hf_dir, out, "float32", progress=False)
