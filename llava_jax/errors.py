@@ -79,3 +79,7 @@ class UnknownNameError(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a file needs is not installed (the message says which extra to install)."""

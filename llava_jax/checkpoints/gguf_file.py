@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from llava_jax.checkpoints.gguf_header import check_gguf_header
-from llava_jax.errors import CheckpointError, MissingInputError
+from llava_jax.errors import CheckpointError, MissingDependencyError, MissingInputError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -31,7 +31,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install -e '.[gguf]'") from None
+        raise MissingDependencyError("reading GGUF files needs the `gguf` package: pip install -e '.[gguf]'") from None
     return gguf
 
 

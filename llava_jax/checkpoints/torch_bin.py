@@ -15,6 +15,7 @@ import numpy as np
 
 from llava_jax.checkpoints.safetensors_io import INDEX_FILE as SAFETENSORS_INDEX
 from llava_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from llava_jax.errors import MissingDependencyError
 from llava_jax.json_file import read_json_object
 
 BIN_FILE = "pytorch_model.bin"
@@ -25,7 +26,7 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             "reading PyTorch .bin weights needs torch: `pip install torch` (CPU is enough; it is in the [test] "
             "extra), or convert the weights to safetensors first"
         ) from None
