@@ -1,0 +1,110 @@
+"""Where a stage starts: the model (config + parameters), its tokenizer/processor files and its template.
+
+init.kind:
+- "scratch": a fresh model of `stage.model` (LlavaConfig fields), tokenizer files from init.tokenizer;
+- "previous": the final parameters of the stage before it in this run;
+- "run": the latest checkpoint of another run directory (init.path), e.g. a stage-1 run;
+- "checkpoint": any model `llava_jax.load` reads (init.path: llava-hf, original, llava_jax, GGUF);
+- "components": a CLIP vision directory (init.vision_tower) plus a LLaMA/Mistral LM directory
+  (init.language_model) with a fresh projector (llava_jax.checkpoints.components).
+init.mm_projector, where set, then replaces the projector with an original `mm_projector.bin`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Start:
+    """params: pure dict (nnx.to_pure_dict) of the model's parameters; side_dir: the directory holding
+    its tokenizer (and preprocessor) files; template: the chat template recorded for it (or None)."""
+
+    config: LlavaConfig
+    params: dict
+    side_dir: str
+    template: str | None
+
+
+def model_config(values: dict) -> LlavaConfig:
+    values = dict(values)
+    vision = VisionConfig(**dict(values.pop("vision", {})))
+    text = TextConfig(**dict(values.pop("text", {})))
+    for key in ("vision_feature_layer",):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    try:
+        return LlavaConfig(vision=vision, text=text, **values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"stage model config: {e}") from None
+
+
+def overrides(config: LlavaConfig, values: dict) -> LlavaConfig:
+    """The model config with the stage's `model` fields applied (nested vision/text dicts too)."""
+    values = dict(values)
+    vision = dataclasses.replace(config.vision, **dict(values.pop("vision", {}) or {}))
+    text = dataclasses.replace(config.text, **dict(values.pop("text", {}) or {}))
+    return config.replace(vision=vision, text=text, **values)
+
+
+def require_path(value: str, field: str, what: str) -> str:
+    if not value:
+        raise ConfigError(f"{field} is empty; set it to {what}")
+    if not os.path.exists(value):
+        raise ConfigError(f"{field}: {value} does not exist; set it to {what}")
+    return value
+
+
+def start_of(stage_name: str, stage_cfg, *, seed: int, param_dtype: str, previous_stage_dir: str | None) -> Start:
+    """The model a stage starts from (parameters in param_dtype), as its init section says."""
+    from llava_jax.model.llava import LlavaModel
+    from llava_jax.train import run_dir
+
+    init = stage_cfg.init
+    where = f"stages.{stage_name}.init"
+    model_values = stage_cfg.get("model", None)
+    model_values = model_values.to_dict() if hasattr(model_values, "to_dict") else dict(model_values or {})
+    kind = init.kind
+    if kind == "scratch":
+        tokenizer = require_path(init.get("tokenizer", ""), f"{where}.tokenizer", "a directory with tokenizer files")
+        config = model_config(model_values).replace(param_dtype=param_dtype)
+        model = LlavaModel(config, rngs=nnx.Rngs(seed))
+        return Start(config, nnx.to_pure_dict(nnx.state(model)), tokenizer, None)
+    if kind == "previous":
+        start = run_dir.read_stage_params(previous_stage_dir, param_dtype)
+    elif kind == "run":
+        path = require_path(init.get("path", ""), f"{where}.path", "a training run's workdir")
+        start = run_dir.read_run_params(path, param_dtype)
+    elif kind == "checkpoint":
+        from llava_jax.chat import checkpoint_template
+        from llava_jax.pipeline import load_model, side_directory
+
+        path = require_path(init.get("path", ""), f"{where}.path", "a model directory or file llava_jax.load reads")
+        model, config = load_model(path, dtype=param_dtype)
+        start = Start(config, nnx.to_pure_dict(nnx.state(model)), side_directory(path), checkpoint_template(path, config))
+    else:  # components
+        try:
+            from llava_jax.checkpoints import components
+        except ImportError:
+            raise ConfigError(f"{where}.kind 'components' needs llava_jax.checkpoints.components, which this "
+                              "checkout lacks; start from a checkpoint (init.kind='checkpoint')") from None  # fmt: skip
+        start = components.stage1_start(init, model_values, seed=seed, param_dtype=param_dtype)
+    if kind != "components" and model_values:
+        start.config = overrides(start.config, model_values)
+    if init.get("mm_projector", ""):
+        path = require_path(init.mm_projector, f"{where}.mm_projector", "an original mm_projector.bin")
+        try:
+            from llava_jax.checkpoints.components import load_mm_projector
+        except ImportError:
+            raise ConfigError(f"{where}.mm_projector needs llava_jax.checkpoints.components, which this checkout "
+                              "lacks") from None  # fmt: skip
+        start.params = load_mm_projector(start.params, start.config, path)
+    start.params = jax.tree.map(lambda x: x.astype(param_dtype), start.params)
+    return start
