@@ -342,18 +342,20 @@ class StageRun:
 
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) every stage of `cfg` in `workdir`; returns the final summary."""
-    stages.check(cfg)
-    check_workdir(workdir, cfg.to_dict(), stages.order(cfg))
-    mesh = build_mesh(cfg)
-    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    t0 = time.perf_counter()
-    summaries = []
-    previous = None
-    try:
-        with Stopper() as stopper:
+    with Stopper() as stopper:  # first: a SIGTERM from now on saves and exits cleanly
+        stages.check(cfg)
+        for name in stages.order(cfg):  # missing data stops the run before it writes anything
+            stages.data_files(cfg.stages[name], name)
+        check_workdir(workdir, cfg.to_dict(), stages.order(cfg))
+        mesh = build_mesh(cfg)
+        writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        t0 = time.perf_counter()
+        summaries = []
+        previous = None
+        try:
             for index, name in enumerate(stages.order(cfg)):
                 summaries.append(StageRun(cfg, name, index, workdir, mesh, stopper, writer, previous).run())
                 previous = run_dir.stage_dir(workdir, name)
-    finally:
-        writer.close()
+        finally:
+            writer.close()
     return {"workdir": workdir, "stages": summaries, "wall_s": round(time.perf_counter() - t0, 1)}
