@@ -299,14 +299,6 @@ class StageRun:
                 window["flops"] += flops.step_flops(model_config, lengths, images, fractions)
                 window["time"] += dt
                 window["steps"] += 1
-                if not m["finite"] and int(m["tokens"]) > 0:
-                    bad_in_a_row += 1
-                    if bad_in_a_row >= max_bad:
-                        where = checkpoints.path(last_saved) if last_saved is not None else "none (no checkpoint yet)"
-                        raise NonFiniteLoss(f"stage {self.name} step {step}: the loss or gradient was not finite "
-                                            f"{bad_in_a_row} steps in a row; last good checkpoint: {where}")  # fmt: skip
-                else:
-                    bad_in_a_row = 0
                 lr_updates = updates  # the learning rate this step used
                 updates += int(m["applied"])
                 if step % log_every == 0 or step == total:
@@ -323,6 +315,14 @@ class StageRun:
                     self.writer.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
                     window = {"tokens": 0, "flops": 0.0, "time": 0.0, "steps": 0}
+                if not m["finite"] and int(m["tokens"]) > 0:
+                    bad_in_a_row += 1
+                    if bad_in_a_row >= max_bad:
+                        where = checkpoints.path(last_saved) if last_saved is not None else "none (no checkpoint yet)"
+                        raise NonFiniteLoss(f"stage {self.name} step {step}: the loss or gradient was not finite "
+                                            f"{bad_in_a_row} steps in a row; last good checkpoint: {where}")  # fmt: skip
+                else:
+                    bad_in_a_row = 0
                 if self.stopper.requested:
                     save(step)
                     checkpoints.wait()
@@ -346,8 +346,10 @@ def train(cfg, workdir: str) -> dict:
         stages.check(cfg)
         for name in stages.order(cfg):  # missing data stops the run before it writes anything
             stages.data_files(cfg.stages[name], name)
-        check_workdir(workdir, cfg.to_dict(), stages.order(cfg))
         mesh = build_mesh(cfg)
+        for name in stages.order(cfg):  # a batch the mesh does not divide, too
+            stages.batch_geometry(cfg.stages[name], name, mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+        check_workdir(workdir, cfg.to_dict(), stages.order(cfg))
         writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
         t0 = time.perf_counter()
         summaries = []
