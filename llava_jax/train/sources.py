@@ -34,24 +34,40 @@ class Start:
 
 
 def model_config(values: dict) -> LlavaConfig:
-    values = dict(values)
-    vision = VisionConfig(**dict(values.pop("vision", {})))
-    text = TextConfig(**dict(values.pop("text", {})))
-    for key in ("vision_feature_layer",):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
+    values = _tuples(values)
     try:
+        vision = VisionConfig(**dict(values.pop("vision", {})))
+        text = TextConfig(**dict(values.pop("text", {})))
         return LlavaConfig(vision=vision, text=text, **values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"stage model config: {e}") from None
 
 
+def _tuples(values: dict) -> dict:
+    """Lists from a ConfigDict back to the tuples LlavaConfig holds."""
+    values = dict(values)
+    if isinstance(values.get("vision_feature_layer"), list):
+        values["vision_feature_layer"] = tuple(values["vision_feature_layer"])
+    if values.get("image_grid_pinpoints") is not None:
+        values["image_grid_pinpoints"] = tuple(tuple(p) for p in values["image_grid_pinpoints"])
+    return values
+
+
 def overrides(config: LlavaConfig, values: dict) -> LlavaConfig:
     """The model config with the stage's `model` fields applied (nested vision/text dicts too)."""
-    values = dict(values)
+    values = _tuples(values)
     vision = dataclasses.replace(config.vision, **dict(values.pop("vision", {}) or {}))
     text = dataclasses.replace(config.text, **dict(values.pop("text", {}) or {}))
     return config.replace(vision=vision, text=text, **values)
+
+
+def fresh_image_newline(config: LlavaConfig, seed: int):
+    """A new LLaVA-NeXT image_newline [D], drawn as the original does (randn / sqrt(D)), for a 1.5 model
+    that a stage turns into an anyres one."""
+    import numpy as np
+
+    d = config.text.hidden_size
+    return (np.random.default_rng(seed).standard_normal(d) / np.sqrt(d)).astype(np.float32)
 
 
 def require_path(value: str, field: str, what: str) -> str:
@@ -97,7 +113,12 @@ def start_of(stage_name: str, stage_cfg, *, seed: int, param_dtype: str, previou
                               "checkout lacks; start from a checkpoint (init.kind='checkpoint')") from None  # fmt: skip
         start = components.stage1_start(init, model_values, seed=seed, param_dtype=param_dtype)
     if kind != "components" and model_values:
-        start.config = overrides(start.config, model_values)
+        try:
+            start.config = overrides(start.config, model_values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"stages.{stage_name}.model: {e}") from None
+    if start.config.has_image_newline and "image_newline" not in start.params:
+        start.params["image_newline"] = fresh_image_newline(start.config, seed)
     if init.get("mm_projector", ""):
         path = require_path(init.mm_projector, f"{where}.mm_projector", "an original mm_projector.bin")
         try:
