@@ -5,12 +5,15 @@
         --config.stages.main.init.tokenizer=TOKENIZER_DIR
 
 The tokenizer directory must hold `<image>` (the model's image_token_id) and `<pad>`.
+`configs/tiny.py:two_stages` runs a projector-only stage `pretrain` (plain template), then `finetune`
+(everything trains) from it, both on the same data (override `stages.pretrain.data.*` and
+`stages.finetune.data.*`).
 """
 
 import ml_collections
 
 
-def get_config():
+def get_config(arg: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.max_steps = -1  # -1: no cap
@@ -40,4 +43,15 @@ def get_config():
         trainable=((".*", 1e-3),), warmup_ratio=0.1, weight_decay=0.0, clip_norm=1.0,
         lora=dict(rank=0, alpha=16.0, dropout=0.0, target="", lr=0.0),
     ))  # fmt: skip
+    if arg == "two_stages":
+        c.stage_order = ("pretrain", "finetune")
+        pretrain = ml_collections.ConfigDict(c.stages.main.to_dict())
+        pretrain.data.template = "plain"
+        pretrain.trainable = (("projector/.*", 1e-3),)
+        finetune = ml_collections.ConfigDict(c.stages.main.to_dict())
+        finetune.init.kind = "previous"
+        finetune.model = ml_collections.ConfigDict()
+        c.stages = ml_collections.ConfigDict(dict(pretrain=pretrain, finetune=finetune))
+    elif arg:
+        raise ValueError(f"configs/tiny.py takes no argument or 'two_stages', got {arg!r}")
     return c

@@ -122,3 +122,40 @@ def test_non_finite_steps_in_a_row_stop_naming_step_and_checkpoint(tmp_path, arg
     assert "step 4" in last and "3 steps in a row" in last and "checkpoints/3" in last
     records = metrics(str(tmp_path / "run"))
     assert [r["nonfinite_steps"] for r in records] == [0, 1, 2, 3]
+
+
+def test_two_stages_bf16_on_two_devices_freeze_what_they_should(tmp_path, data, tokenizer_dir, env):
+    """Stage 1 trains the projector only, stage 2 starts from it; bfloat16 compute, remat, 2-way data parallel."""
+    import jax
+    from flax import nnx
+
+    from llava_jax.model.llava import LlavaModel
+    from llava_jax.train import run_dir
+
+    files, images = data
+    workdir = str(tmp_path / "run")
+    args = ["--config", os.path.join(ROOT, "configs", "tiny.py") + ":two_stages", "--config.compute_dtype=bfloat16",
+            "--config.remat=full", f"--config.stages.pretrain.init.tokenizer={tokenizer_dir}"]  # fmt: skip
+    for stage in ("pretrain", "finetune"):
+        args += [f"--config.stages.{stage}.data.files={files}", f"--config.stages.{stage}.data.image_folder={images}",
+                 f"--config.stages.{stage}.epochs=1"]  # fmt: skip
+    two_devices = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    first = train(workdir, args, two_devices)
+    records = metrics(workdir)
+    assert [r["stage"] for r in records] == ["pretrain"] * 3 + ["finetune"] * 3
+    assert records[2]["skipped_records"] == 3  # plain leaves out the text-only records
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+    pretrain = run_dir.read_stage(run_dir.stage_dir(workdir, "pretrain"))
+    trained = run_dir.restore_stage_params(pretrain)
+    init = nnx.to_pure_dict(nnx.state(LlavaModel(pretrain.config, rngs=nnx.Rngs(0))))
+    for part in ("vision", "decoder"):
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trained[part]), jax.tree.map(np.asarray, init[part]))
+    assert not np.array_equal(np.asarray(trained["projector"]["linears"][0]["kernel"]),
+                              np.asarray(init["projector"]["linears"][0]["kernel"]))  # fmt: skip
+    finetune = run_dir.restore_stage_params(run_dir.read_stage(run_dir.stage_dir(workdir, "finetune")))
+    assert not np.array_equal(np.asarray(finetune["decoder"]["embed"]), np.asarray(trained["decoder"]["embed"]))
+
+    again = train(workdir, args, two_devices)  # both stages done: nothing to run, the same summary
+    assert json.loads(again.stdout.splitlines()[-1])["stages"] == json.loads(first.stdout.splitlines()[-1])["stages"]
+    assert len(metrics(workdir)) == len(records)
