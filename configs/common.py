@@ -91,5 +91,5 @@ def llava15_lora(start_run: str) -> ml_collections.ConfigDict:
     but lm_head at lr 2e-4, the projector at 2e-5; the base LLM frozen."""
     s = llava15_finetune(start_run)
     s.lora = ml_collections.ConfigDict(dict(rank=128, alpha=256.0, dropout=0.05, target=LLM_LINEARS, lr=2e-4))
-    s.trainable = ((r"projector/.*", 2e-5), (r".*/lora_(a|b)", 2e-4))
+    s.trainable = ((r"projector/.*", 2e-5),)  # and the adapters at lora.lr; the base LLM stays frozen
     return s

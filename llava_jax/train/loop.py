@@ -169,6 +169,10 @@ class StageRun:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 nnx.to_pure_dict(abstract), shardings)  # fmt: skip
         groups = Groups.from_config(stage_cfg.trainable, f"stages.{self.name}.trainable")
+        if lora:  # the adapters train at lora.lr unless a trainable pattern already names them
+            from llava_jax.train.lora import LORA_PARAMS
+
+            groups = Groups(groups.patterns + ((LORA_PARAMS, float(lora["lr"])),))
         trainable, frozen = split_params(abstract, groups)
         if not jax.tree.leaves(trainable):
             raise ConfigError(f"stages.{self.name}.trainable matches no parameter; patterns match whole paths such "
@@ -207,22 +211,16 @@ class StageRun:
 
         def build():
             model = LlavaModel(model_config, rngs=nnx.Rngs(self.seed), remat=remat)
-            if lora:
-                from llava_jax.train.lora import apply_lora
-
-                apply_lora(model, **lora, rngs=nnx.Rngs(self.seed + 1))
-            return model
+            return run_dir.add_lora(model, lora, self.seed + 1) if lora else model
 
         return nnx.split(nnx.eval_shape(build))
 
     def _with_lora(self, graphdef, model_config, params: dict, lora: dict) -> dict:
         """The start parameters with fresh LoRA adapters added (H3's apply_lora on the concrete model)."""
         from llava_jax.model.llava import LlavaModel
-        from llava_jax.train.lora import apply_lora
 
         model = nnx.merge(nnx.split(nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0))))[0], params)
-        apply_lora(model, **lora, rngs=nnx.Rngs(self.seed + 1))
-        return nnx.to_pure_dict(nnx.state(model))
+        return nnx.to_pure_dict(nnx.state(run_dir.add_lora(model, lora, self.seed + 1)))
 
     def _train_item(self, state: TrainState) -> dict:
         return {"opt_state": state.opt_state, "rng": state.rng, "step": state.step, "updates": state.updates,

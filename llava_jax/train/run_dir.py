@@ -118,14 +118,22 @@ def abstract_params(config: LlavaConfig, lora: dict | None = None) -> tuple[nnx.
 
     def build():
         model = LlavaModel(config, rngs=nnx.Rngs(0))
-        if lora:
-            from llava_jax.train.lora import apply_lora
-
-            apply_lora(model, **lora, rngs=nnx.Rngs(1))
-        return model
+        return add_lora(model, lora, 1) if lora else model
 
     graphdef, state = nnx.split(nnx.eval_shape(build))
     return graphdef, nnx.to_pure_dict(state)
+
+
+def add_lora(model, lora: dict, seed: int):
+    """The model with LoRA adapters (llava_jax.train.lora) on the linears `lora["target"]` selects, in place.
+
+    lora: a config's lora section {rank, alpha, dropout, target, lr}."""
+    try:
+        from llava_jax.train.lora import apply_lora
+    except ImportError:
+        raise CheckpointError("this run uses LoRA, which needs llava_jax.train.lora; this checkout lacks it") from None
+    return apply_lora(model, rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora.get("dropout", 0.0)),
+                      targets=lora.get("target") or None, rngs=nnx.Rngs(seed))  # fmt: skip
 
 
 def restore_stage_params(info: StageInfo, dtype: str | None = None, step: int | None = None) -> dict:
@@ -167,7 +175,7 @@ def merged_params(run: RunModel) -> dict:
         return run.params
     from llava_jax.train.lora import merge_lora_params
 
-    return merge_lora_params(run.params, run.lora)
+    return merge_lora_params(run.params, run.lora)  # also drops the adapters' dropout keys
 
 
 def read_stage_params(stage: str, dtype: str):
