@@ -1,14 +1,17 @@
 """Analytic FLOPs of one training step, for MFU.
 
-Counted (multiply-adds x 2) over real inputs only: non-padding tokens of the decoder and real images
-of the vision tower (MaxText counts padded tokens; we do not). Per part (vision tower, projector,
-decoder) the forward pass costs F; the backward pass costs F for activation gradients wherever a
-gradient flows through the part (any trainable parameter in it or before it... i.e. upstream of a
-trainable part, which here means: the decoder always, the projector always, the vision tower only
-when some vision parameter trains) and F x (trainable fraction of the part's matmul weights) for
-weight gradients. Frozen weights therefore cost forward + activation-gradient FLOPs, not weight-gradient
-FLOPs; a frozen vision tower under a trainable projector costs its forward pass only.
-Attention scores count causal pairs (n(n+1)/2 per sequence) in the decoder, all pairs in the tower.
+Counted (2 per multiply-add) over real inputs only: the non-padding tokens of the decoder and the real
+images of the vision tower (MaxText counts padded tokens; we do not). For each part (vision tower,
+projector, decoder) with forward FLOPs F:
+- forward: F;
+- activation gradients: F wherever a gradient flows through the part. It flows through the decoder
+  and the projector always (the loss is above them and the projector feeds the decoder), and through
+  the vision tower only when some vision parameter trains;
+- weight gradients: F x the share of the part's parameters that train.
+So frozen weights cost forward + activation-gradient FLOPs but no weight-gradient FLOPs, and a frozen
+vision tower under the projector costs its forward pass only. Attention scores count causal pairs
+(n(n+1)/2 per sequence of n tokens) in the decoder and all pairs in the tower; norms, activations and
+softmax are left out (as in MaxText and PaLM's MFU).
 """
 
 from __future__ import annotations
