@@ -17,9 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """One CPU device; compilations cached across the runs of this module."""
+    """Two CPU devices (data parallel); compilations cached across the runs of this module."""
     cache = str(tmp_path_factory.mktemp("jax_cache"))
-    return {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": cache,
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_COMPILATION_CACHE_DIR": cache,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}  # fmt: skip
 
 

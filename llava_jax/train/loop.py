@@ -189,7 +189,10 @@ class StageRun:
             trainable, frozen = split_params(place(params, shardings), groups)
             state = create(trainable)
         else:
-            abstract_state = jax.eval_shape(create, trainable)
+            # the state's layout as create() would place it, so that restored arrays sit where the step expects
+            layout = create.lower(trainable).compile().output_shardings
+            abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                          jax.eval_shape(create, trainable), layout)  # fmt: skip
             params, train_item, data_state = checkpoints.restore(latest, abstract, self._train_item(abstract_state))
             trainable, frozen = split_params(params, groups)
             state = TrainState(trainable=trainable, **train_item)
