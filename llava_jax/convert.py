@@ -1,11 +1,16 @@
-"""Converts a checkpoint into a llava_jax model directory (orbax parameters + config + tokenizer).
+"""Converts a checkpoint into a llava_jax model directory, or exports one to transformers or peft.
 
     python -m llava_jax.convert --src llava-1.5-7b-hf --out llava15-7b-jax [--dtype bfloat16]
     python -m llava_jax.convert --src llava-v1.5-7b --vision_tower clip-vit-large-patch14-336 --out ...
     python -m llava_jax.convert --src llava-v1.5-7b-Q4_K_M.gguf --mmproj mmproj-model-f16.gguf --out ...
+    python -m llava_jax.convert --src MODEL_OR_RUN --out DIR --to hf      # a llava-hf directory
+    python -m llava_jax.convert --src LORA_MODEL --out DIR --to peft      # its adapters, as peft saves them
 
+--to llava_jax (the default): orbax parameters + config + tokenizer. --to hf: what transformers'
+`AutoModelForImageTextToText` / `AutoProcessor` load (LoRA adapters merged in). --to peft: the LoRA
+adapters alone, for `peft.PeftModel.from_pretrained` on the --to hf export of the same source.
 Tensors are read one at a time and cast to --dtype, so a 7B checkpoint converts to bfloat16 within
-about 16 GB of memory. The last line printed is a JSON summary.
+about 16 GB of memory. The last line printed is a JSON summary; a user's mistake is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 
 import jax
@@ -21,7 +28,8 @@ from flax import nnx
 
 from llava_jax.chat import checkpoint_template
 from llava_jax.checkpoints import orbax
-from llava_jax.pipeline import checkpoint_kind, load_model, side_directory
+from llava_jax.errors import UserError
+from llava_jax.pipeline import checkpoint_kind, load_image_processor, load_model, load_tokenizer_if_present, side_directory
 
 _SRC = flags.DEFINE_string("src", None, "llava-hf or original LLaVA checkpoint directory, or a GGUF language model.")
 _VISION_TOWER = flags.DEFINE_string("vision_tower", None, "Original LLaVA only: the CLIP directory "
@@ -29,6 +37,9 @@ _VISION_TOWER = flags.DEFINE_string("vision_tower", None, "Original LLaVA only: 
 _MMPROJ = flags.DEFINE_string("mmproj", None, "GGUF only: the multimodal projector file of --src.")
 _OUT = flags.DEFINE_string("out", None, "Output directory; must not hold a model yet.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
+_TO = flags.DEFINE_enum("to", "llava_jax", ["llava_jax", "hf", "peft"], "Output format: a llava_jax model "
+                        "directory, a llava-hf (transformers) directory, or peft LoRA adapters.")  # fmt: skip
+_MAX_SHARD = flags.DEFINE_integer("max_shard_bytes", 50 * 10**9, "--to hf: largest safetensors shard.")
 
 
 def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
@@ -65,13 +76,52 @@ def write_gguf_side_files(src: str, mmproj: str | None, out: str) -> None:
         json.dump(overrides, f, indent=2)
 
 
+def to_hf(src: str, out: str, dtype: str = "bfloat16", vision_tower: str | None = None, mmproj: str | None = None,
+          max_shard_bytes: int = 50 * 10**9, progress: bool = True) -> dict:  # fmt: skip
+    """Any checkpoint `llava_jax.load` reads -> a llava-hf directory (see checkpoints/hf_export.py)."""
+    from llava_jax.checkpoints import hf_export
+    from llava_jax.pipeline import load_gguf_side
+
+    start = time.time()
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise ValueError("--out must differ from --src")
+    kind = checkpoint_kind(src)
+    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
+    with tempfile.TemporaryDirectory() as side:
+        if kind == "gguf":
+            write_gguf_side_files(src, mmproj, side)
+            tokenizer, image_processor = load_gguf_side(src, mmproj, config)
+            tokenizer_dir = side
+        else:
+            tokenizer_dir = src
+            tokenizer = load_tokenizer_if_present(src)
+            image_processor = load_image_processor(side_directory(src, vision_tower), config)
+        summary = hf_export.export_hf(out, nnx.state(model), config, image_processor,
+                                      tokenizer_dir=tokenizer_dir if tokenizer is not None else None,
+                                      tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)  # fmt: skip
+    return {"src": src, **summary, "seconds": round(time.time() - start, 1)}
+
+
+EXPORTERS = {"hf": to_hf}
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     if not _SRC.value or not _OUT.value:
         raise app.UsageError("--src and --out are required")
-    print(json.dumps(convert(_SRC.value, _OUT.value, _DTYPE.value, vision_tower=_VISION_TOWER.value,
-                             mmproj=_MMPROJ.value)))  # fmt: skip
+    kwargs = dict(vision_tower=_VISION_TOWER.value, mmproj=_MMPROJ.value)
+    try:
+        if _TO.value == "llava_jax":
+            summary = convert(_SRC.value, _OUT.value, _DTYPE.value, **kwargs)
+        elif _TO.value == "hf":
+            summary = to_hf(_SRC.value, _OUT.value, _DTYPE.value, max_shard_bytes=_MAX_SHARD.value, **kwargs)
+        else:
+            summary = EXPORTERS[_TO.value](_SRC.value, _OUT.value, _DTYPE.value, **kwargs)
+    except (UserError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
