@@ -126,3 +126,22 @@ def test_image_processor_config_round_trips():
     cfg = LlavaConfig.from_hf(R.llava_next_hf_config().to_dict())
     ip = ImageProcessor.from_config(cfg, NEXT)
     assert ImageProcessor.from_config(cfg, hf_export.image_processor_config(ip)) == ip
+
+
+@pytest.mark.parametrize("name, options", [("llava-hf", {}), ("legacy", {"legacy": True}),
+                                           ("eos-no-bos", {"add_bos_token": False, "add_eos_token": True})])  # fmt: skip
+def test_exported_tokenizer_json_gives_our_ids_in_transformers(tmp_path, make_tokenizer_dir, name, options):
+    """transformers 5 runs a llava directory's tokenizer.json as written (TokenizersBackend)."""
+    from llava_jax.data.tokenizer import load_tokenizer
+    from tests.test_tokenizer import _texts
+
+    source = make_tokenizer_dir(name, **options)
+    ours = load_tokenizer(source)
+    (tmp_path / "tokenizer.json").write_text(ours.to_json(), encoding="utf-8")
+    shutil.copy2(os.path.join(source, "tokenizer_config.json"), tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_export.hf_config(
+        LlavaConfig.from_hf(R.llava_hf_config().to_dict()), "float32")))  # fmt: skip
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in _texts(n=100):
+        assert theirs.encode(text) == ours.encode(text), text
+    assert load_tokenizer(str(tmp_path)).encode(_texts()[-1]) == ours.encode(_texts()[-1])

@@ -252,6 +252,9 @@ def export_hf(out: str, state: nnx.State, config: LlavaConfig, image_processor: 
     """
     check_exportable(config)
     check_image_processor(config, image_processor)
+    if any(str(path[-1]).startswith("lora_") for path, _ in nnx.to_flat_state(state)):
+        raise ValueError("the state holds LoRA adapters: merge them first (train.lora.merge_lora), or pass "
+                         "train.lora.base_state(model) to export the base weights alone")  # fmt: skip
     if tokenizer is not None:
         check_tokenizer(tokenizer, config)
     out = os.path.abspath(out)

@@ -189,6 +189,18 @@ def set_dropout(model: nnx.Module, key: jax.Array | None) -> None:
         module.dropout_key[...] = jax.random.key_data(keys).reshape(*stack, 2)
 
 
+ADAPTER_NAMES = ("lora_a", "lora_b", "dropout_key")
+
+
+def base_state(model: nnx.Module) -> nnx.State:
+    """The model's state without the adapters: the base model's parameter tree (kernels unmerged)."""
+    return nnx.state(model, lambda path, _: not (path and path[-1] in ADAPTER_NAMES))
+
+
+def has_lora(state: nnx.State) -> bool:
+    return any(path[-1] in ADAPTER_NAMES for path, _ in nnx.to_flat_state(state))
+
+
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Folds every adapter into its kernel (kernel + scale * lora_a @ lora_b) and puts a plain
     Linear back, in place: the model then has the base model's parameter tree. Returns the model."""
