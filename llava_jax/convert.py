@@ -15,6 +15,7 @@ about 16 GB of memory. The last line printed is a JSON summary; a user's mistake
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -28,10 +29,11 @@ from flax import nnx
 
 from llava_jax.chat import checkpoint_template
 from llava_jax.checkpoints import orbax
-from llava_jax.errors import UserError
+from llava_jax.errors import ConfigError, UserError
 from llava_jax.pipeline import checkpoint_kind, load_image_processor, load_model, load_tokenizer_if_present, side_directory
 
-_SRC = flags.DEFINE_string("src", None, "llava-hf or original LLaVA checkpoint directory, or a GGUF language model.")
+_SRC = flags.DEFINE_string("src", None, "llava-hf or original LLaVA checkpoint directory, a GGUF language model, "
+                           "or (--to hf / peft) a llava_jax model directory or a training run's workdir.")  # fmt: skip
 _VISION_TOWER = flags.DEFINE_string("vision_tower", None, "Original LLaVA only: the CLIP directory "
                                     "(default: config.json's mm_vision_tower).")  # fmt: skip
 _MMPROJ = flags.DEFINE_string("mmproj", None, "GGUF only: the multimodal projector file of --src.")
@@ -39,7 +41,10 @@ _OUT = flags.DEFINE_string("out", None, "Output directory; must not hold a model
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
 _TO = flags.DEFINE_enum("to", "llava_jax", ["llava_jax", "hf", "peft"], "Output format: a llava_jax model "
                         "directory, a llava-hf (transformers) directory, or peft LoRA adapters.")  # fmt: skip
-_MAX_SHARD = flags.DEFINE_integer("max_shard_bytes", 50 * 10**9, "--to hf: largest safetensors shard.")
+_MAX_SHARD = flags.DEFINE_integer("max_shard_bytes", None, "--to hf: largest safetensors shard (default 50 GB, "
+                                  "as transformers).")  # fmt: skip
+_BASE_MODEL = flags.DEFINE_string("base_model", None, "--to peft: base_model_name_or_path recorded in "
+                                  "adapter_config.json (e.g. the --to hf export of the same run).")  # fmt: skip
 
 
 def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
@@ -77,14 +82,14 @@ def write_gguf_side_files(src: str, mmproj: str | None, out: str) -> None:
 
 
 def to_hf(src: str, out: str, dtype: str = "bfloat16", vision_tower: str | None = None, mmproj: str | None = None,
-          max_shard_bytes: int = 50 * 10**9, progress: bool = True) -> dict:  # fmt: skip
+          max_shard_bytes: int | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Any checkpoint `llava_jax.load` reads -> a llava-hf directory (see checkpoints/hf_export.py)."""
     from llava_jax.checkpoints import hf_export
     from llava_jax.pipeline import load_gguf_side
 
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
-        raise ValueError("--out must differ from --src")
+        raise ConfigError("--out must differ from --src")
     kind = checkpoint_kind(src)
     model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
     with tempfile.TemporaryDirectory() as side:
@@ -93,16 +98,43 @@ def to_hf(src: str, out: str, dtype: str = "bfloat16", vision_tower: str | None 
             tokenizer, image_processor = load_gguf_side(src, mmproj, config)
             tokenizer_dir = side
         else:
-            tokenizer_dir = src
-            tokenizer = load_tokenizer_if_present(src)
+            tokenizer_dir = side_directory(src) if kind == "run" else src  # an original's side dir is its CLIP
+            tokenizer = load_tokenizer_if_present(tokenizer_dir)
             image_processor = load_image_processor(side_directory(src, vision_tower), config)
         summary = hf_export.export_hf(out, nnx.state(model), config, image_processor,
                                       tokenizer_dir=tokenizer_dir if tokenizer is not None else None,
-                                      tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)  # fmt: skip
+                                      tokenizer=tokenizer,
+                                      max_shard_bytes=max_shard_bytes or hf_export.DEFAULT_MAX_SHARD_BYTES)  # fmt: skip
     return {"src": src, **summary, "seconds": round(time.time() - start, 1)}
 
 
-EXPORTERS = {"hf": to_hf}
+def to_peft(src: str, out: str, dtype: str = "float32", base_model: str | None = None) -> dict:
+    """A LoRA training run's workdir -> its adapters as peft saves them (see checkpoints/peft_export.py)."""
+    from llava_jax.checkpoints import peft_export
+    from llava_jax.errors import CheckpointError
+    from llava_jax.model.llava import LlavaModel
+    from llava_jax.train import lora, run_dir
+
+    start = time.time()
+    if not run_dir.is_run_dir(src):
+        raise CheckpointError(f"--to peft reads a LoRA training run's workdir; {src} is not one (no {run_dir.RUN_FILE})")
+    run = run_dir.read_run(src, dtype)
+    if not run.lora:
+        raise CheckpointError(f"the latest stage of the run in {src} was not trained with LoRA: there are no "
+                              "adapters to export; export the whole model with --to hf")  # fmt: skip
+    settings = lora.LoraSettings.from_dict(run.lora)
+    config = run.config.replace(param_dtype=dtype, dtype=dtype)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: lora.apply_lora(
+        LlavaModel(config, rngs=nnx.Rngs(0)), **settings.to_dict(), rngs=nnx.Rngs(1))))  # fmt: skip
+    nnx.replace_by_pure_dict(state, run.params)
+    model = nnx.merge(graphdef, state)
+    summary = peft_export.export_peft(out, model, config, settings, base_model_name_or_path=base_model)
+    return {"src": src, **summary, "seconds": round(time.time() - start, 1)}
+
+
+# --to value -> function(src, out, dtype, **options); options are the flags below that it takes.
+EXPORTERS = {"llava_jax": convert, "hf": to_hf, "peft": to_peft}
+OPTION_FLAGS = {"vision_tower": _VISION_TOWER, "mmproj": _MMPROJ, "max_shard_bytes": _MAX_SHARD, "base_model": _BASE_MODEL}
 
 
 def main(argv):
@@ -110,14 +142,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     if not _SRC.value or not _OUT.value:
         raise app.UsageError("--src and --out are required")
-    kwargs = dict(vision_tower=_VISION_TOWER.value, mmproj=_MMPROJ.value)
+    export = EXPORTERS[_TO.value]
+    options = {name: flag.value for name, flag in OPTION_FLAGS.items() if flag.value is not None}
+    for name in options:
+        if name not in inspect.signature(export).parameters:
+            raise app.UsageError(f"--{name} does not apply to --to {_TO.value}")
     try:
-        if _TO.value == "llava_jax":
-            summary = convert(_SRC.value, _OUT.value, _DTYPE.value, **kwargs)
-        elif _TO.value == "hf":
-            summary = to_hf(_SRC.value, _OUT.value, _DTYPE.value, max_shard_bytes=_MAX_SHARD.value, **kwargs)
-        else:
-            summary = EXPORTERS[_TO.value](_SRC.value, _OUT.value, _DTYPE.value, **kwargs)
+        summary = export(_SRC.value, _OUT.value, _DTYPE.value, **options)
     except (UserError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

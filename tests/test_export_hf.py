@@ -145,3 +145,21 @@ def test_exported_tokenizer_json_gives_our_ids_in_transformers(tmp_path, make_to
     for text in _texts(n=100):
         assert theirs.encode(text) == ours.encode(text), text
     assert load_tokenizer(str(tmp_path)).encode(_texts()[-1]) == ours.encode(_texts()[-1])
+
+
+def test_command_line(tmp_path, make_tokenizer_dir):
+    import subprocess
+    import sys
+
+    src = hf_source(str(tmp_path / "src"), make_tokenizer_dir(), False, CLIP)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "llava_jax.convert", "--src", src, *args],  # noqa: E731
+                                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
+    done = run("--out", str(tmp_path / "hf"), "--to", "hf", "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["format"] == "hf"
+    assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
+    again = run("--out", str(tmp_path / "hf"), "--to", "hf")  # a user's mistake: one line, exit 2
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "not empty" in again.stderr
+    wrong = run("--out", str(tmp_path / "p"), "--to", "hf", "--base_model", "x")
+    assert wrong.returncode != 0 and "--base_model does not apply to --to hf" in wrong.stderr

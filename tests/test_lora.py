@@ -72,7 +72,7 @@ def test_merged_equals_unmerged_and_dict_merge_agrees():
     model = lora_model(targets=lora.DEFAULT_TARGETS + r"|projector\.linears\.0|vision\.layers\.mlp\.fc1")
     randomise_lora_b(model)
     unmerged = logits(model, ids, pixels)
-    settings = lora.LoraSettings(rank=RANK, alpha=ALPHA)
+    settings = {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "targets": lora.DEFAULT_TARGETS}  # as a run stores them
     merged_dict = lora.merge_lora_params(nnx.to_pure_dict(nnx.state(model)), settings)
     lora.merge_lora(model)
     assert not lora.lora_modules(model)

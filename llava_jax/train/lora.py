@@ -216,10 +216,12 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def merge_lora_params(params: dict, settings: LoraSettings) -> dict:
+def merge_lora_params(params: dict, settings: LoraSettings | dict) -> dict:
     """The same fold on a nested dict of arrays (`nnx.to_pure_dict(state)`): every dict holding
     `kernel`, `lora_a`, `lora_b` gets the merged kernel and loses the adapters (and `dropout_key`).
-    Returns a new dict; the input is not changed."""
+    settings: LoraSettings or its dict. Returns a new dict; the input is not changed."""
+    if isinstance(settings, dict):
+        settings = LoraSettings.from_dict(settings)
 
     def fold(node):
         if not isinstance(node, dict):
