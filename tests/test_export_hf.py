@@ -105,7 +105,7 @@ def test_bfloat16_export_stores_bfloat16(tmp_path, make_tokenizer_dir):
 
 def test_refusals(tmp_path, make_tokenizer_dir):
     cfg = LlavaConfig.from_hf(R.llava_next_hf_config().to_dict())
-    with pytest.raises(ConfigError, match="original LLaVA's anyres"):
+    with pytest.raises(ConfigError, match="original LLaVA's rules"):
         hf_export.check_exportable(cfg.replace(semantics="original"))
     with pytest.raises(ConfigError, match="projector_type"):
         hf_export.check_exportable(cfg.replace(projector_type="linear"))

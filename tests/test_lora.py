@@ -191,3 +191,5 @@ def test_bad_settings_raise_config_error():
 def test_settings_round_trip():
     s = lora.LoraSettings(rank=128, alpha=256, dropout=0.05)
     assert lora.LoraSettings.from_dict(s.to_dict()) == s and s.scale == 2.0
+    section = {"rank": 128, "alpha": 256, "dropout": 0.05, "target": r"decoder\..*", "lr": 2e-4}  # a config's lora
+    assert lora.LoraSettings.from_dict(section).targets == r"decoder\..*"

@@ -12,9 +12,10 @@ The weights come from the llava-hf rule table (`hf.hf_rules`, each Rule's `to_fi
 exact inverse of the import. The directory is written beside DIR under a temporary name and renamed
 into place when complete.
 
-Refused (ConfigError naming the field): models whose image handling transformers has no equivalent of:
-anyres read with the original LLaVA's semantics (pinpoints as width x height when candidates tie, its
-unpad rounding: transformers would tile and count image tokens differently), merge types other than
+Refused (ConfigError naming the field): models whose inputs transformers has no equivalent of:
+original-LLaVA semantics (its prompts tokenize the text between images piece by piece around a marker
+outside the vocabulary; its anyres reads pinpoints as width x height on ties and rounds unpadding
+differently, so transformers would tile and count image tokens differently), merge types other than
 'spatial_unpad', and projectors other than 'mlp2x_gelu'. A tokenizer whose `<image>` is not the model's
 image_token_id is refused too (transformers' processor could not mark the image positions).
 """
@@ -65,11 +66,13 @@ def check_exportable(config: LlavaConfig) -> None:
     if config.projector_type != "mlp2x_gelu":
         raise ConfigError(f"projector_type {config.projector_type!r} cannot be exported to llava-hf: transformers' "
                           "LLaVA projector is 'mlp2x_gelu' (linear_1, GELU, linear_2)")  # fmt: skip
-    if config.is_anyres and config.semantics != "hf":
+    if config.semantics != "hf":
         raise ConfigError(
-            "this LLaVA-NeXT model follows the original LLaVA's anyres rules (semantics='original': pinpoints read "
-            "as width x height on ties, its unpad rounding); transformers tiles images differently, so an export "
-            "would not compute the same. Use the original checkpoint with the original code, or llava_jax.load"
+            "this model follows the original LLaVA's rules (semantics='original'): its prompts tokenize the text "
+            "between images piece by piece with one image marker outside the vocabulary (image_token_id "
+            f"{config.image_token_id}), and its anyres tiling (pinpoints as width x height on ties, unpad rounding) "
+            "differs from transformers'; an export would not compute the same. For an original checkpoint use "
+            "transformers' own conversion script (convert_llava_weights_to_hf.py) or the llava-hf release"
         )
     if config.is_anyres and config.patch_merge_type != "spatial_unpad":
         raise ConfigError(f"patch_merge_type {config.patch_merge_type!r} cannot be exported: transformers' "

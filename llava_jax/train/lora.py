@@ -65,6 +65,11 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoraSettings":
+        """From to_dict() or a config's lora section (other keys, e.g. its learning rate, are ignored;
+        `target` is read as `targets`)."""
+        d = dict(d)
+        if "target" in d and "targets" not in d:
+            d["targets"] = d["target"]
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
