@@ -60,8 +60,8 @@ def test_fresh_adapters_leave_logits_unchanged():
 def test_default_targets_are_every_llm_linear_but_lm_head():
     model = lora_model()
     paths = {p for p, _ in lora.lora_modules(model)}
-    expected = {f"decoder.layers.attn.{n}_proj" for n in "qkvo"}
-    expected |= {f"decoder.layers.mlp.{n}_proj" for n in ("gate", "up", "down")}
+    expected = {f"decoder/layers/attn/{n}_proj" for n in "qkvo"}
+    expected |= {f"decoder/layers/mlp/{n}_proj" for n in ("gate", "up", "down")}
     assert paths == expected
     assert type(model.decoder.lm_head) is Linear and type(model.projector.linears[0]) is Linear
     assert type(model.vision.layers.attn.q_proj) is Linear
@@ -69,7 +69,7 @@ def test_default_targets_are_every_llm_linear_but_lm_head():
 
 def test_merged_equals_unmerged_and_dict_merge_agrees():
     ids, pixels = inputs()
-    model = lora_model(targets=lora.DEFAULT_TARGETS + r"|projector\.linears\.0|vision\.layers\.mlp\.fc1")
+    model = lora_model(targets=lora.DEFAULT_TARGETS + r"|projector/linears/0|vision/layers/mlp/fc1")
     randomise_lora_b(model)
     unmerged = logits(model, ids, pixels)
     settings = {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "targets": lora.DEFAULT_TARGETS}  # as a run stores them
@@ -132,7 +132,7 @@ def test_sharded_lora_logits_equal_single_device():
 def test_lora_param_regex_selects_only_adapters():
     model = lora_model()
     pattern = __import__("re").compile(lora.LORA_PARAMS)
-    paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     chosen = [p for p in paths if pattern.fullmatch(p)]
     assert len(chosen) == 2 * 7 and all(p.endswith(("lora_a", "lora_b")) for p in chosen)
 
@@ -181,7 +181,7 @@ def test_dropout_zeroes_inputs_at_the_rate_and_rescales():
 def test_bad_settings_raise_config_error():
     model = LlavaModel(tiny(), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="match no Linear"):
-        lora.apply_lora(model, rank=4, alpha=8, targets=r"decoder\.nothing", rngs=nnx.Rngs(0))
+        lora.apply_lora(model, rank=4, alpha=8, targets=r"decoder/nothing", rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="rank"):
         lora.apply_lora(model, rank=0, alpha=8, rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="not a valid regular expression"):
@@ -191,5 +191,5 @@ def test_bad_settings_raise_config_error():
 def test_settings_round_trip():
     s = lora.LoraSettings(rank=128, alpha=256, dropout=0.05)
     assert lora.LoraSettings.from_dict(s.to_dict()) == s and s.scale == 2.0
-    section = {"rank": 128, "alpha": 256, "dropout": 0.05, "target": r"decoder\..*", "lr": 2e-4}  # a config's lora
-    assert lora.LoraSettings.from_dict(section).targets == r"decoder\..*"
+    section = {"rank": 128, "alpha": 256, "dropout": 0.05, "target": r"decoder/.*", "lr": 2e-4}  # a config's lora
+    assert lora.LoraSettings.from_dict(section).targets == r"decoder/.*"

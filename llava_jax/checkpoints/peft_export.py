@@ -40,7 +40,7 @@ def module_templates(config: LlavaConfig, paths: list[str]) -> dict[str, str]:
     by_path = {r.path: r.key for r in hf.hf_rules(config)}
     out = {}
     for path in paths:
-        key = by_path.get(f"{path}.kernel")
+        key = by_path.get(f"{path.replace('/', '.')}.kernel")
         if key is None or not key.endswith(".weight"):
             raise CheckpointError(f"LoRA module {path} has no llava-hf Linear to attach to")
         out[path] = key[: -len(".weight")]

@@ -11,7 +11,8 @@ them with the kernels and `llava_jax.sharding.state_shardings` lays them out by 
 
 Parameter paths: the kernel and bias keep their paths (`decoder.layers.attn.q_proj.kernel`), the
 adapters sit beside them (`decoder.layers.attn.q_proj.lora_a`), so checkpoint rules for the base
-model keep working and `LORA_PARAMS` (a regex over dotted parameter paths) selects the adapters.
+model keep working and `LORA_PARAMS` (a regex over "/"-joined parameter paths, as the optimizer's
+groups match them) selects the adapters.
 
 Dropout (peft's `lora_dropout`, on the adapter's input only) is off unless a key is given. The train
 step turns it on inside its jitted function, after merging the model:
@@ -41,10 +42,11 @@ from llava_jax.model.layers import Linear
 
 # Every linear of the language model but lm_head: LLaVA's LoRA recipe (`find_all_linear_names` in
 # the original train.py leaves out mm_projector, vision_tower and lm_head). Matched with
-# re.fullmatch against dotted module paths (the layer index of stacked layers is not in the path).
-DEFAULT_TARGETS = r"decoder\.layers\.(attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-# The adapter parameters among dotted parameter paths (for the optimizer's trainable groups).
-LORA_PARAMS = r".*\.lora_(a|b)"
+# re.fullmatch against module paths joined by "/" as the optimizer's parameter paths are
+# ("decoder/layers/attn/q_proj"; the layer index of stacked layers is not in the path).
+DEFAULT_TARGETS = r"decoder/layers/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
+# The adapter parameters among parameter paths (for the optimizer's trainable groups).
+LORA_PARAMS = r".*/lora_(a|b)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,8 @@ class LoraSettings:
         d = dict(d)
         if "target" in d and "targets" not in d:
             d["targets"] = d["target"]
+        if not d.get("targets"):
+            d.pop("targets", None)  # empty: the default
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
@@ -125,7 +129,7 @@ class LoraLinear(nnx.Module):
 
 
 def _path(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
+    return "/".join(str(p) for p in path)
 
 
 def _set_child(parent, name, child) -> None:
@@ -140,7 +144,7 @@ def _find(model: nnx.Module, cls) -> list[tuple[tuple, nnx.Module]]:
 
 
 def target_paths(model: nnx.Module, targets: str = DEFAULT_TARGETS) -> list[str]:
-    """Dotted paths of the Linear modules that `targets` (re.fullmatch) selects."""
+    """Paths ("/"-joined) of the Linear modules that `targets` (re.fullmatch) selects."""
     try:
         pattern = re.compile(targets)
     except re.error as e:
@@ -148,12 +152,15 @@ def target_paths(model: nnx.Module, targets: str = DEFAULT_TARGETS) -> list[str]
     return [_path(p) for p, _ in _find(model, Linear) if pattern.fullmatch(_path(p))]
 
 
-def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0, targets: str = DEFAULT_TARGETS,
+def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0, targets: str | None = DEFAULT_TARGETS,
                rngs: nnx.Rngs) -> nnx.Module:  # fmt: skip
-    """Replaces, in place, every Linear whose dotted module path fully matches `targets` by a LoraLinear.
+    """Replaces, in place, every Linear whose module path fully matches `targets` by a LoraLinear.
 
-    Returns the model. Raises ConfigError for a bad rank, dropout, or a regex that selects nothing.
+    targets: a regex (re.fullmatch) over module paths such as `decoder/layers/attn/q_proj`; empty or
+    None means DEFAULT_TARGETS. Returns the model. Raises ConfigError for a bad rank, dropout, or a
+    regex that selects nothing.
     """
+    targets = targets or DEFAULT_TARGETS
     if rank <= 0:
         raise ConfigError(f"lora rank must be positive, got {rank}")
     if not 0.0 <= dropout < 1.0:
@@ -177,7 +184,7 @@ def _module_at(model: nnx.Module, path: tuple):
 
 
 def lora_modules(model: nnx.Module) -> list[tuple[str, LoraLinear]]:
-    """(dotted module path, module) of every LoraLinear, in a stable order."""
+    """(module path "/"-joined, module) of every LoraLinear, in a stable order."""
     return [(_path(p), m) for p, m in _find(model, LoraLinear)]
 
 
