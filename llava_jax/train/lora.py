@@ -198,7 +198,10 @@ def set_dropout(model: nnx.Module, key: jax.Array | None) -> None:
             key = jax.random.wrap_key_data(key, impl="threefry2x32")
         stack = module.dropout_key.shape[:-1]
         keys = jax.random.split(jax.random.fold_in(key, index), int(np.prod(stack))).reshape(stack)
-        module.dropout_key[...] = jax.random.key_data(keys).reshape(*stack, 2)
+        # a new Variable rather than an update: the old one may belong to an outer trace (a state merged
+        # from outside the jitted step), which nnx refuses to mutate
+        axes = module.dropout_key.get_metadata().get("axes")
+        module.dropout_key = LoraDropoutKey(jax.random.key_data(keys).reshape(*stack, 2), axes=axes)
 
 
 ADAPTER_NAMES = ("lora_a", "lora_b", "dropout_key")
