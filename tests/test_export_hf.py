@@ -11,7 +11,7 @@ import transformers
 
 import llava_jax
 from llava_jax import convert
-from llava_jax.checkpoints import hf_export
+from llava_jax.checkpoints import hf_export, hf_files
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
 from llava_jax.errors import CheckpointError, ConfigError
@@ -106,14 +106,14 @@ def test_bfloat16_export_stores_bfloat16(tmp_path, make_tokenizer_dir):
 def test_refusals(tmp_path, make_tokenizer_dir):
     cfg = LlavaConfig.from_hf(R.llava_next_hf_config().to_dict())
     with pytest.raises(ConfigError, match="original LLaVA's rules"):
-        hf_export.check_exportable(cfg.replace(semantics="original"))
+        hf_files.check_exportable(cfg.replace(semantics="original"))
     with pytest.raises(ConfigError, match="projector_type"):
-        hf_export.check_exportable(cfg.replace(projector_type="linear"))
+        hf_files.check_exportable(cfg.replace(projector_type="linear"))
     from llava_jax.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(make_tokenizer_dir())
     with pytest.raises(CheckpointError, match="image_token_id is 95"):
-        hf_export.check_tokenizer(tokenizer, cfg)  # <image> is 512 in this tokenizer
+        hf_files.check_tokenizer(tokenizer, cfg)  # <image> is 512 in this tokenizer
     src = hf_source(str(tmp_path / "src"), make_tokenizer_dir(), False, CLIP)
     os.makedirs(tmp_path / "taken")
     (tmp_path / "taken" / "x").write_text("")
@@ -125,7 +125,7 @@ def test_refusals(tmp_path, make_tokenizer_dir):
 def test_image_processor_config_round_trips():
     cfg = LlavaConfig.from_hf(R.llava_next_hf_config().to_dict())
     ip = ImageProcessor.from_config(cfg, NEXT)
-    assert ImageProcessor.from_config(cfg, hf_export.image_processor_config(ip)) == ip
+    assert ImageProcessor.from_config(cfg, hf_files.image_processor_config(ip)) == ip
 
 
 @pytest.mark.parametrize("name, options", [("llava-hf", {}), ("legacy", {"legacy": True}),
@@ -139,7 +139,7 @@ def test_exported_tokenizer_json_gives_our_ids_in_transformers(tmp_path, make_to
     ours = load_tokenizer(source)
     (tmp_path / "tokenizer.json").write_text(ours.to_json(), encoding="utf-8")
     shutil.copy2(os.path.join(source, "tokenizer_config.json"), tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(hf_export.hf_config(
+    (tmp_path / "config.json").write_text(json.dumps(hf_files.hf_config(
         LlavaConfig.from_hf(R.llava_hf_config().to_dict()), "float32")))  # fmt: skip
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for text in _texts(n=100):

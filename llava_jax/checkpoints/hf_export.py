@@ -6,11 +6,12 @@
     DIR/processor_config.json            LlavaProcessor / LlavaNextProcessor with its image processor
     DIR/preprocessor_config.json         the same image processor alone (older transformers, llava_jax.load)
     DIR/generation_config.json           bos / eos ids
+    DIR/tokenizer.json                   our tokenizer, which transformers 5 then runs as written
     DIR/<tokenizer files>                copied from the source
 
-The weights come from the llava-hf rule table (`hf.hf_rules`, each Rule's `to_file`), so the export is the
-exact inverse of the import. The directory is written beside DIR under a temporary name and renamed
-into place when complete.
+The weights come from the llava-hf rule table (`hf.hf_rules`, each Rule's `to_file`), so the export is
+the exact inverse of the import; the JSON files and the checks below live in hf_files.py. The directory
+is written beside DIR under a temporary name and renamed into place when complete.
 
 Refused (ConfigError naming the field): models whose inputs transformers has no equivalent of:
 original-LLaVA semantics (its prompts tokenize the text between images piece by piece around a marker
@@ -32,11 +33,13 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.checkpoints import hf
+from llava_jax.checkpoints.hf_files import (check_exportable, check_image_processor, check_tokenizer, hf_config,
+                                            image_processor_config, processor_config)  # fmt: skip
 from llava_jax.checkpoints.params import Rule, flat_variables
 from llava_jax.checkpoints.safetensors_io import INDEX_FILE, write_safetensors
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
-from llava_jax.errors import CheckpointError, ConfigError
+from llava_jax.errors import CheckpointError
 
 DEFAULT_MAX_SHARD_BYTES = 50 * 10**9  # transformers 5's save_pretrained default ("50GB")
 # transformers 5 module names -> the keys its save_pretrained writes.
@@ -51,7 +54,6 @@ TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.json", "chat_template.jinja",
 )  # fmt: skip
-IMAGE_TOKEN = "<image>"
 
 
 def saved_key(key: str) -> str:
@@ -59,134 +61,6 @@ def saved_key(key: str) -> str:
         if key.startswith(new):
             return old + key[len(new) :]
     raise KeyError(key)
-
-
-def check_exportable(config: LlavaConfig) -> None:
-    """Raises ConfigError where transformers' LLaVA / LLaVA-NeXT cannot compute what this model computes."""
-    if config.projector_type != "mlp2x_gelu":
-        raise ConfigError(f"projector_type {config.projector_type!r} cannot be exported to llava-hf: transformers' "
-                          "LLaVA projector is 'mlp2x_gelu' (linear_1, GELU, linear_2)")  # fmt: skip
-    if config.semantics != "hf":
-        raise ConfigError(
-            "this model follows the original LLaVA's rules (semantics='original'): its prompts tokenize the text "
-            "between images piece by piece with one image marker outside the vocabulary (image_token_id "
-            f"{config.image_token_id}), and its anyres tiling (pinpoints as width x height on ties, unpad rounding) "
-            "differs from transformers'; an export would not compute the same. For an original checkpoint use "
-            "transformers' own conversion script (convert_llava_weights_to_hf.py) or the llava-hf release"
-        )
-    if config.is_anyres and config.patch_merge_type != "spatial_unpad":
-        raise ConfigError(f"patch_merge_type {config.patch_merge_type!r} cannot be exported: transformers' "
-                          "LLaVA-NeXT merges tiles as 'spatial_unpad'")  # fmt: skip
-
-
-def text_config(config: LlavaConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
-    t = config.text
-    rope = {"rope_theta": t.rope_theta, "rope_type": "default"}
-    if t.rope_scaling_factor != 1.0:
-        rope = {"rope_theta": t.rope_theta, "rope_type": "linear", "factor": t.rope_scaling_factor}
-    out = {
-        "model_type": "mistral" if t.sliding_window is not None else "llama",
-        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-        "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
-        "head_dim": t.head_dim, "hidden_act": t.hidden_act, "max_position_embeddings": t.max_position_embeddings,
-        "rms_norm_eps": t.rms_norm_eps, "rope_parameters": rope, "tie_word_embeddings": t.tie_word_embeddings,
-        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
-    }  # fmt: skip
-    if t.sliding_window is not None:
-        if t.attention_bias or t.mlp_bias:
-            raise ConfigError("a Mistral text model (sliding_window set) with attention_bias or mlp_bias has no "
-                              "transformers equivalent")  # fmt: skip
-        out["sliding_window"] = t.sliding_window
-    else:
-        out.update(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias)
-    return out
-
-
-def vision_config(config: LlavaConfig) -> dict:
-    v = config.vision
-    return {
-        "model_type": "clip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-        "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
-        "patch_size": v.patch_size, "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps,
-        "hidden_act": v.hidden_act,
-    }  # fmt: skip
-
-
-def hf_config(config: LlavaConfig, dtype: str, bos_id=None, eos_id=None, pad_id=None) -> dict:
-    """config.json of a LlavaForConditionalGeneration / LlavaNextForConditionalGeneration."""
-    next_ = config.is_anyres
-    layer = config.vision_feature_layer
-    out = {
-        "architectures": ["LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"],
-        "model_type": "llava_next" if next_ else "llava",
-        "dtype": dtype,
-        "image_token_index": config.image_token_id,
-        "image_seq_length": config.tokens_per_tile,
-        "projector_hidden_act": "gelu",
-        "multimodal_projector_bias": config.projector_bias,
-        "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
-        "tie_word_embeddings": config.text.tie_word_embeddings,
-        "text_config": text_config(config, bos_id, eos_id, pad_id),
-        "vision_config": vision_config(config),
-    }
-    if next_:
-        out["image_grid_pinpoints"] = [list(p) for p in config.image_grid_pinpoints]
-    return out
-
-
-def image_processor_config(ip: ImageProcessor) -> dict:
-    """The transformers image processor equal to `ip`: CLIPImageProcessor ('square'),
-    LlavaImageProcessor with do_pad ('pad': LLaVA-1.5's expand to square), LlavaNextImageProcessor ('anyres')."""
-    size = {"shortest_edge": ip.shortest_edge} if ip.size_hw is None else {"height": ip.size_hw[0], "width": ip.size_hw[1]}
-    out = {
-        "image_processor_type": {"square": "CLIPImageProcessor", "pad": "LlavaImageProcessor",
-                                 "anyres": "LlavaNextImageProcessor"}[ip.aspect_ratio],  # fmt: skip
-        "do_resize": ip.do_resize, "size": size, "resample": ip.resample,
-        "do_center_crop": ip.do_center_crop, "do_rescale": ip.do_rescale, "rescale_factor": ip.rescale_factor,
-        "do_normalize": ip.do_normalize, "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
-        "do_convert_rgb": True,
-    }  # fmt: skip
-    if ip.crop_hw is not None:
-        out["crop_size"] = {"height": ip.crop_hw[0], "width": ip.crop_hw[1]}
-    if ip.aspect_ratio == "pad":
-        out["do_pad"] = True
-    if ip.aspect_ratio == "anyres":
-        out.update(do_pad=True, image_grid_pinpoints=[list(p) for p in ip.image_grid_pinpoints])
-    return out
-
-
-def processor_config(config: LlavaConfig, ip: ImageProcessor) -> dict:
-    return {
-        "processor_class": "LlavaNextProcessor" if config.is_anyres else "LlavaProcessor",
-        "image_processor": image_processor_config(ip),
-        "image_token": IMAGE_TOKEN,
-        "patch_size": config.vision.patch_size,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
-        "num_additional_image_tokens": 1,  # CLIP's class token, dropped again under 'default'
-    }
-
-
-def check_image_processor(config: LlavaConfig, ip: ImageProcessor) -> None:
-    if ip.semantics != "hf" and ip.aspect_ratio == "anyres":
-        raise ConfigError("the image processor follows the original LLaVA's anyres rules; transformers' does not")
-    if (ip.aspect_ratio == "anyres") != config.is_anyres:
-        raise ConfigError(f"image processor aspect_ratio {ip.aspect_ratio!r} does not fit the model "
-                          f"(image_grid_pinpoints {'set' if config.is_anyres else 'unset'})")  # fmt: skip
-
-
-def check_tokenizer(tokenizer, config: LlavaConfig) -> None:
-    """transformers' processor marks images by the `<image>` token: it must be the model's image_token_id."""
-    try:
-        token_id = tokenizer.token_to_id(IMAGE_TOKEN)
-    except KeyError:
-        token_id = None
-    if token_id != config.image_token_id:
-        raise CheckpointError(
-            f"the tokenizer's {IMAGE_TOKEN} is {'absent' if token_id is None else f'id {token_id}'} but the model's "
-            f"image_token_id is {config.image_token_id}; transformers' processor would not mark image positions. "
-            "Export a model whose tokenizer has <image> added at image_token_id (llava-hf's convention)"
-        )
 
 
 def shard_plan(entries: dict[str, tuple], max_shard_bytes: int) -> list[list[str]]:

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.checkpoints import hf
-from llava_jax.checkpoints.hf_export import check_exportable
+from llava_jax.checkpoints.hf_files import check_exportable
 from llava_jax.checkpoints.safetensors_io import write_safetensors
 from llava_jax.config import LlavaConfig
 from llava_jax.errors import CheckpointError
