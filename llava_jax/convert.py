@@ -4,11 +4,13 @@
     python -m llava_jax.convert --src llava-v1.5-7b --vision_tower clip-vit-large-patch14-336 --out ...
     python -m llava_jax.convert --src llava-v1.5-7b-Q4_K_M.gguf --mmproj mmproj-model-f16.gguf --out ...
     python -m llava_jax.convert --src MODEL_OR_RUN --out DIR --to hf      # a llava-hf directory
-    python -m llava_jax.convert --src LORA_MODEL --out DIR --to peft      # its adapters, as peft saves them
+    python -m llava_jax.convert --src LORA_RUN --out DIR --to peft        # its adapters, as peft saves them
+    python -m llava_jax.convert --src LORA_RUN --out BASE --to hf --lora base   # the base they apply to
 
 --to llava_jax (the default): orbax parameters + config + tokenizer. --to hf: what transformers'
-`AutoModelForImageTextToText` / `AutoProcessor` load (LoRA adapters merged in). --to peft: the LoRA
-adapters alone, for `peft.PeftModel.from_pretrained` on the --to hf export of the same source.
+`AutoModelForImageTextToText` / `AutoProcessor` load (LoRA adapters merged in, or left out with
+--lora base). --to peft: the LoRA adapters alone, for `peft.PeftModel.from_pretrained` on the
+--to hf --lora base export of the same run.
 Tensors are read one at a time and cast to --dtype, so a 7B checkpoint converts to bfloat16 within
 about 16 GB of memory. The last line printed is a JSON summary; a user's mistake is one line, exit 2.
 """
@@ -43,6 +45,8 @@ _TO = flags.DEFINE_enum("to", "llava_jax", ["llava_jax", "hf", "peft"], "Output 
                         "directory, a llava-hf (transformers) directory, or peft LoRA adapters.")  # fmt: skip
 _MAX_SHARD = flags.DEFINE_integer("max_shard_bytes", None, "--to hf: largest safetensors shard (default 50 GB, "
                                   "as transformers).")  # fmt: skip
+_LORA = flags.DEFINE_enum("lora", None, ["merge", "base"], "--to hf from a LoRA run: merge the adapters into "
+                          "the weights (default), or leave them out (the base that --to peft's adapters apply to).")
 _BASE_MODEL = flags.DEFINE_string("base_model", None, "--to peft: base_model_name_or_path recorded in "
                                   "adapter_config.json (e.g. the --to hf export of the same run).")  # fmt: skip
 
@@ -82,16 +86,29 @@ def write_gguf_side_files(src: str, mmproj: str | None, out: str) -> None:
 
 
 def to_hf(src: str, out: str, dtype: str = "bfloat16", vision_tower: str | None = None, mmproj: str | None = None,
-          max_shard_bytes: int | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """Any checkpoint `llava_jax.load` reads -> a llava-hf directory (see checkpoints/hf_export.py)."""
+          max_shard_bytes: int | None = None, lora: str = "merge", progress: bool = True) -> dict:  # fmt: skip
+    """Any checkpoint `llava_jax.load` reads -> a llava-hf directory (see checkpoints/hf_export.py).
+
+    lora: for a LoRA run, "merge" folds the adapters into the weights; "base" leaves them out (the base
+    model that `--to peft`'s adapters apply to).
+    """
     from llava_jax.checkpoints import hf_export
     from llava_jax.pipeline import load_gguf_side
 
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
         raise ConfigError("--out must differ from --src")
+    if lora not in ("merge", "base"):
+        raise ConfigError(f"--lora must be 'merge' or 'base', got {lora!r}")
     kind = checkpoint_kind(src)
-    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
+    if lora == "base":
+        from llava_jax.train.lora import base_state
+
+        model, config, _ = lora_run_model(src, dtype)
+        state = base_state(model)
+    else:
+        model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
+        state = nnx.state(model)
     with tempfile.TemporaryDirectory() as side:
         if kind == "gguf":
             write_gguf_side_files(src, mmproj, side)
@@ -101,40 +118,49 @@ def to_hf(src: str, out: str, dtype: str = "bfloat16", vision_tower: str | None 
             tokenizer_dir = side_directory(src) if kind == "run" else src  # an original's side dir is its CLIP
             tokenizer = load_tokenizer_if_present(tokenizer_dir)
             image_processor = load_image_processor(side_directory(src, vision_tower), config)
-        summary = hf_export.export_hf(out, nnx.state(model), config, image_processor,
+        summary = hf_export.export_hf(out, state, config, image_processor,
                                       tokenizer_dir=tokenizer_dir if tokenizer is not None else None,
                                       tokenizer=tokenizer,
                                       max_shard_bytes=max_shard_bytes or hf_export.DEFAULT_MAX_SHARD_BYTES)  # fmt: skip
     return {"src": src, **summary, "seconds": round(time.time() - start, 1)}
 
 
-def to_peft(src: str, out: str, dtype: str = "float32", base_model: str | None = None) -> dict:
-    """A LoRA training run's workdir -> its adapters as peft saves them (see checkpoints/peft_export.py)."""
-    from llava_jax.checkpoints import peft_export
+def lora_run_model(src: str, dtype: str):
+    """A LoRA run's latest model with its adapters unmerged: (model, config, LoraSettings)."""
     from llava_jax.errors import CheckpointError
     from llava_jax.model.llava import LlavaModel
     from llava_jax.train import lora, run_dir
 
-    start = time.time()
     if not run_dir.is_run_dir(src):
-        raise CheckpointError(f"--to peft reads a LoRA training run's workdir; {src} is not one (no {run_dir.RUN_FILE})")
+        raise CheckpointError(f"{src} is not a training run's workdir (no {run_dir.RUN_FILE}); LoRA adapters are "
+                              "read from a LoRA run")  # fmt: skip
     run = run_dir.read_run(src, dtype)
     if not run.lora:
         raise CheckpointError(f"the latest stage of the run in {src} was not trained with LoRA: there are no "
-                              "adapters to export; export the whole model with --to hf")  # fmt: skip
+                              "adapters; export the whole model with --to hf")  # fmt: skip
     settings = lora.LoraSettings.from_dict(run.lora)
     config = run.config.replace(param_dtype=dtype, dtype=dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: lora.apply_lora(
         LlavaModel(config, rngs=nnx.Rngs(0)), **settings.to_dict(), rngs=nnx.Rngs(1))))  # fmt: skip
     nnx.replace_by_pure_dict(state, run.params)
-    model = nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, state), config, settings
+
+
+def to_peft(src: str, out: str, dtype: str = "float32", base_model: str | None = None) -> dict:
+    """A LoRA training run's workdir -> its adapters as peft saves them (see checkpoints/peft_export.py).
+    They apply to the run's `--to hf --lora base` export."""
+    from llava_jax.checkpoints import peft_export
+
+    start = time.time()
+    model, config, settings = lora_run_model(src, dtype)
     summary = peft_export.export_peft(out, model, config, settings, base_model_name_or_path=base_model)
     return {"src": src, **summary, "seconds": round(time.time() - start, 1)}
 
 
 # --to value -> function(src, out, dtype, **options); options are the flags below that it takes.
 EXPORTERS = {"llava_jax": convert, "hf": to_hf, "peft": to_peft}
-OPTION_FLAGS = {"vision_tower": _VISION_TOWER, "mmproj": _MMPROJ, "max_shard_bytes": _MAX_SHARD, "base_model": _BASE_MODEL}
+OPTION_FLAGS = {"vision_tower": _VISION_TOWER, "mmproj": _MMPROJ, "max_shard_bytes": _MAX_SHARD, "lora": _LORA,
+                "base_model": _BASE_MODEL}  # fmt: skip
 
 
 def main(argv):
