@@ -163,3 +163,21 @@ def test_command_line(tmp_path, make_tokenizer_dir):
     assert "not empty" in again.stderr
     wrong = run("--out", str(tmp_path / "p"), "--to", "hf", "--base_model", "x")
     assert wrong.returncode != 0 and "--base_model does not apply to --to hf" in wrong.stderr
+
+
+@pytest.mark.parametrize("text_model, text", [
+    ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=5e5, tie_word_embeddings=True)),
+    ("mistral", dict(sliding_window=64)),
+])  # fmt: skip
+def test_config_json_round_trips_through_transformers(text_model, text):
+    original = R.llava_hf_config(text=text, text_model=text_model, vision_feature_layer=[-2, -5])
+    ours = LlavaConfig.from_hf(original.to_dict())
+    written = hf_files.hf_config(ours, "float32")
+    loaded = transformers.AutoConfig.for_model(**written)
+    assert LlavaConfig.from_hf(loaded.to_dict()) == ours
+    a, b = original.text_config, loaded.text_config
+    for name in ("model_type", "vocab_size", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                 "tie_word_embeddings", "rope_parameters"):  # fmt: skip
+        assert getattr(a, name) == getattr(b, name), name
+    assert getattr(a, "sliding_window", None) == getattr(b, "sliding_window", None)
+    assert loaded.vision_feature_layer == [-2, -5]
