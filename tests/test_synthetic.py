@@ -137,3 +137,22 @@ def test_score_real_and_blank(data_dir):
     assert batched["accuracy"] == batched["blank_accuracy"] == pytest.approx(expected)
     assert batched["per_category"].get("color", 0.0) == 0.0
 
+
+
+def test_demo_tokenizer(data_dir, tmp_path):
+    import transformers
+
+    from llava_jax.data import conversation
+    from llava_jax.data.tokenizer import load_tokenizer
+
+    ids = synthetic.write_tokenizer(str(tmp_path), data_dir)
+    assert ids == {"<image>": 448, "<pad>": 449}
+    ours, reference = load_tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    record = read(data_dir, "instruct")[0]
+    messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                for t in record["conversations"]]  # fmt: skip
+    text = conversation.render("mistral_instruct", messages, add_generation_prompt=False)
+    assert ours.encode(text) == reference(text)["input_ids"]
+    assert ours.encode(text).count(448) == 1 and ours.pad_id == 449
+    # The data's words are single pieces, so examples stay short.
+    assert len(ours.encode("a red circle on the left and a blue square in the middle.")) == 1 + 13 + 1  # <s>, words, "."

@@ -159,6 +159,23 @@ def texts(out: str) -> list[str]:
     return lines
 
 
+def write_tokenizer(directory: str, data_dir: str, templates: Sequence[str] = ("mistral_instruct",),
+                    vocab_size: int = 448) -> dict[str, int]:  # fmt: skip
+    """A tiny LLaMA-style tokenizer for the data set: sentencepiece BPE (byte fallback, so 259 pieces are
+    bytes and specials) trained on its texts and one conversation rendered with each chat template of
+    `templates` (the plain template adds no text), `<image>` and `<pad>` added after
+    the pieces, written as llava-hf files. Returns the added tokens' ids."""
+    from llava_jax.data import conversation
+    from llava_jax.data.tiny_tokenizer import train_sentencepiece, write_llava_hf_tokenizer
+
+    lines = texts(data_dir)
+    for name in templates:
+        messages = [{"role": "user", "content": lines[1]}, {"role": "assistant", "content": lines[2]}]
+        lines += [conversation.render(name, messages, add_generation_prompt=False)] * (len(lines) // 20 + 1)
+    proto = train_sentencepiece(lines, vocab_size=vocab_size)
+    return write_llava_hf_tokenizer(directory, proto, added_tokens=("<image>", "<pad>"))
+
+
 # -- scoring ---------------------------------------------------------------------------------------
 
 
