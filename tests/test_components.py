@@ -189,9 +189,8 @@ def test_load_mm_projector(llama_start, tmp_path, projector_type):
     np.testing.assert_array_equal(params["decoder.embed"], np.asarray(base["decoder.embed"].get_value()))
     if projector_type == "mlp2x_gelu":
         with pytest.raises(CheckpointError, match="mm_projector.bin does not fit this model's linear projector"):
-            components.load_mm_projector(str(path), config.replace(projector_type="linear"),
-                                         components.init_from_components(clip_dir, lm_dir, str(tmp_path / "o2"),
-                                                                         projector_type="linear")[1])  # fmt: skip
+            linear = components.init_from_components(clip_dir, lm_dir, str(tmp_path / "o2"), projector_type="linear")
+            components.load_mm_projector(nnx.to_pure_dict(linear[1]), linear[0], str(path))
 
 
 def test_clear_errors(llama_start, tmp_path):
@@ -214,5 +213,34 @@ def test_clear_errors(llama_start, tmp_path):
     with pytest.raises(CheckpointError, match="no weights"):
         components.init_from_components(clip_dir, str(no_tokenizer), out, tokenizer_dir=lm_dir)
     with pytest.raises(CheckpointError, match="does not exist"):
-        components.load_mm_projector(str(tmp_path / "mm_projector.bin"), llama_start[5], llama_start[6])
+        components.load_mm_projector(llama_start[6], llama_start[5], str(tmp_path / "mm_projector.bin"))
     json.dumps(llama_start[5].to_dict())  # the config of a start serialises (runs record it)
+
+
+def test_stage1_start_as_the_trainer_calls_it(llama_start, tmp_path):
+    import ml_collections
+
+    from llava_jax.errors import ConfigError
+
+    _, _, clip_dir, lm_dir, _, config, state = llama_start
+    init = ml_collections.ConfigDict(dict(kind="components", path="", tokenizer="", vision_tower=clip_dir,
+                                          language_model=lm_dir, mm_projector=""))  # fmt: skip
+    start = components.stage1_start(init, {"projector_type": "mlp2x_gelu", "vision_feature_layer": [-2]}, seed=3,
+                                    param_dtype="float32")  # fmt: skip
+    assert start.config.replace(vision_feature_layer=-2) == config and start.template is None
+    assert os.path.isfile(os.path.join(start.side_dir, "tokenizer.model"))
+    np.testing.assert_array_equal(start.params["decoder"]["embed"], np.asarray(nnx.to_pure_dict(state)["decoder"]["embed"]))
+    with pytest.raises(ConfigError, match="model.vision"):
+        components.stage1_start(init, {"vision": {"hidden_size": 8}}, seed=0, param_dtype="float32")
+    with pytest.raises(ConfigError, match="init.language_model is empty"):
+        components.stage1_start(ml_collections.ConfigDict({**init.to_dict(), "language_model": ""}), {}, seed=0,
+                                param_dtype="float32")
+    # load_mm_projector on the trainer's pure dict
+    dt, dv = TEXT["hidden_size"], VISION["hidden_size"]
+    tensors = {"model.mm_projector.0.weight": torch.ones(dt, dv), "model.mm_projector.0.bias": torch.zeros(dt),
+               "model.mm_projector.2.weight": torch.full((dt, dt), 2.0), "model.mm_projector.2.bias": torch.ones(dt)}  # fmt: skip
+    torch.save(tensors, tmp_path / "mm_projector.bin")
+    params = components.load_mm_projector(start.params, start.config, str(tmp_path / "mm_projector.bin"))
+    assert (np.asarray(params["projector"]["linears"][1]["kernel"]) == 2.0).all()
+    assert not (np.asarray(start.params["projector"]["linears"][1]["kernel"]) == 2.0).all()  # not changed in place
+    np.testing.assert_array_equal(params["decoder"]["embed"], start.params["decoder"]["embed"])

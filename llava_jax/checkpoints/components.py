@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.checkpoints import original
-from llava_jax.checkpoints.params import flat_variables, read_params
+from llava_jax.checkpoints.params import read_params
 from llava_jax.checkpoints.torch_bin import TorchBinCheckpoint
 from llava_jax.config import LlavaConfig, projector_depth, text_config_from_hf, vision_config_from_clip
 from llava_jax.data.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -217,7 +217,7 @@ def init_from_components(clip_dir: str, lm_dir: str, out_dir: str, *, projector_
     state = read_params(original.original_rules(config), abstract, source, dtype=dtype, shardings=shardings,
                         ignore=original.original_ignored(config))  # fmt: skip
     if mm_projector is not None:
-        state = load_mm_projector(mm_projector, config, state)
+        state = load_mm_projector(state, config, mm_projector)
     return config, state
 
 
@@ -248,28 +248,84 @@ class _ProjectorFile:
         return self.source.read(self._names[key])
 
 
-def load_mm_projector(path: str, config: LlavaConfig, state: nnx.State) -> nnx.State:
-    """`state` with its projector read from the original's mm_projector.bin (a file, or a directory holding
-    one): `model.mm_projector.{0,2}.{weight,bias}` for mlp2x_gelu, `model.mm_projector.{weight,bias}` for
-    'linear'. Each new array takes the sharding of the one it replaces."""
+def load_mm_projector(params, config: LlavaConfig, path: str):
+    """`params` (a pure dict from `nnx.to_pure_dict`, or an nnx.State) with the projector read from the
+    original's mm_projector.bin (a file, or a directory holding one): `model.mm_projector.{0,2}.{weight,bias}`
+    for mlp2x_gelu, `model.mm_projector.{weight,bias}` for 'linear'. Returns the same kind as given; each
+    new array takes the dtype and sharding of the one it replaces."""
     if os.path.isdir(path):
         path = os.path.join(path, MM_PROJECTOR_FILE)
     source = _ProjectorFile(path)
-    flat = nnx.to_flat_state(state)
-    projector = nnx.from_flat_state([(p, v) for p, v in flat if p[0] == "projector"])
-    try:
-        loaded = flat_variables(read_params(original.mm_projector_rules(config), projector, source))
-    except CheckpointError as e:
-        raise CheckpointError(
-            f"{path} does not fit this model's {config.projector_type} projector "
-            f"({config.projector_in_dim} -> {config.text.hidden_size}): {e}"
-        ) from None
-    out = []
-    for p, v in flat:
-        name = ".".join(map(str, p))
-        if name in loaded:
-            old = v.get_value()
-            v = v.replace(jax.device_put(loaded[name].get_value().astype(old.dtype), old.sharding))
-        out.append((p, v))
-    return nnx.from_flat_state(out)
+    rules = original.mm_projector_rules(config)
+    expected = {r.key for r in rules}
+    unexpected = sorted(source.file_key(k) for k in set(source.keys()) - expected)
+    missing = sorted(expected - set(source.keys()))
+    where = f"{path} does not fit this model's {config.projector_type} projector ({config.projector_in_dim} -> {config.text.hidden_size})"
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: missing {missing}, unexpected {unexpected}")
+    is_state = isinstance(params, nnx.State)
+    pure = nnx.to_pure_dict(params) if is_state else params
+    pure = jax.tree.map(lambda x: x, pure)  # a copy of the containers; arrays are shared
+    for rule in rules:
+        *parents, leaf = [int(p) if p.isdigit() else p for p in rule.path.split(".")]
+        node = pure
+        for part in parents:
+            node = node[part] if part in node else node[str(part)]
+        old = node[leaf]
+        value = rule.to_model(source.read(rule.key))
+        if tuple(value.shape) != tuple(old.shape):
+            raise CheckpointError(f"{where}: {source.file_key(rule.key)} has shape {source.shape(rule.key)}, "
+                                  f"the model's {rule.path} needs {tuple(old.shape)} in our layout")  # fmt: skip
+        sharding = getattr(old, "sharding", None)
+        node[leaf] = jax.device_put(np.asarray(value, old.dtype), sharding)
+    if not is_state:
+        return pure
+    state = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
 
+
+@dataclasses.dataclass
+class Start:
+    """What `llava_jax.train.sources` takes from a start: the model config, its parameters (pure dict), the
+    directory of its tokenizer and preprocessor files, and its chat template (None: the stage's)."""
+
+    config: LlavaConfig
+    params: dict
+    side_dir: str
+    template: str | None = None
+
+
+def stage1_start(init, model_values: dict, *, seed: int, param_dtype: str, out_dir: str | None = None) -> Start:
+    """The trainer's `init.kind = "components"`: init.vision_tower (CLIP directory), init.language_model (LM
+    directory), optional init.tokenizer (default: the LM's); `model_values`: LlavaConfig fields of the
+    stage (projector_type, vision_feature_layer, image_aspect_ratio, image_grid_pinpoints, ...).
+    The tokenizer and preprocessor files go to `out_dir` (default: a new temporary directory, which the
+    trainer copies into the run)."""
+    import tempfile
+
+    from llava_jax.errors import ConfigError
+
+    values = dict(model_values or {})
+    for part in ("vision", "text"):
+        if values.pop(part, None):
+            raise ConfigError(f"init.kind 'components' takes the {part} tower's shape from its directory; remove "
+                              f"model.{part} from the stage config")  # fmt: skip
+    known = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "image_aspect_ratio",
+             "image_grid_pinpoints", "patch_merge_type")  # fmt: skip
+    for key in set(values) - set(known):
+        if key not in ("image_token_id", "param_dtype", "dtype", "projector_bias", "semantics", "model_max_length"):
+            raise ConfigError(f"model.{key} cannot be set for init.kind 'components'; settable: {list(known)}")
+    for path_field in ("vision_tower", "language_model"):
+        if not init.get(path_field, ""):
+            raise ConfigError(f"init.{path_field} is empty; init.kind 'components' needs a CLIP directory "
+                              "(init.vision_tower) and a LLaMA/Mistral directory (init.language_model)")  # fmt: skip
+    if isinstance(values.get("vision_feature_layer"), list):
+        values["vision_feature_layer"] = tuple(values["vision_feature_layer"])
+    out = out_dir or tempfile.mkdtemp(prefix="llava_jax_start_")
+    config, state = init_from_components(
+        init.vision_tower, init.language_model, out,
+        tokenizer_dir=init.get("tokenizer", "") or None, seed=seed, dtype=param_dtype,
+        **{k: values[k] for k in known if k in values},
+    )  # fmt: skip
+    return Start(config, nnx.to_pure_dict(state), out)
