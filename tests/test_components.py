@@ -230,6 +230,8 @@ def test_stage1_start_as_the_trainer_calls_it(llama_start, tmp_path):
     assert start.config.replace(vision_feature_layer=-2) == config and start.template is None
     assert os.path.isfile(os.path.join(start.side_dir, "tokenizer.model"))
     np.testing.assert_array_equal(start.params["decoder"]["embed"], np.asarray(nnx.to_pure_dict(state)["decoder"]["embed"]))
+    with pytest.raises(ConfigError, match="model.image_token_id cannot be set"):
+        components.stage1_start(init, {"image_token_id": 3}, seed=0, param_dtype="float32")
     with pytest.raises(ConfigError, match="model.vision"):
         components.stage1_start(init, {"vision": {"hidden_size": 8}}, seed=0, param_dtype="float32")
     with pytest.raises(ConfigError, match="init.language_model is empty"):

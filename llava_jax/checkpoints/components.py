@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -41,7 +42,7 @@ from llava_jax.checkpoints.torch_bin import TorchBinCheckpoint
 from llava_jax.config import LlavaConfig, projector_depth, text_config_from_hf, vision_config_from_clip
 from llava_jax.data.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from llava_jax.data.tiny_tokenizer import write_llava_hf_tokenizer
-from llava_jax.errors import CheckpointError
+from llava_jax.errors import CheckpointError, ConfigError
 from llava_jax.model.llava import LlavaModel
 
 ADDED_TOKENS = ("<image>", "<pad>")
@@ -50,6 +51,9 @@ NEW_ROW_COVARIANCE = 1e-5
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 LM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MM_PROJECTOR_FILE = "mm_projector.bin"
+# The LlavaConfig fields a components start takes from the stage config.
+SETTABLE = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "image_aspect_ratio",
+            "image_grid_pinpoints", "patch_merge_type")  # fmt: skip
 # Independent random streams, so that changing one part's shape leaves the others' draws alone.
 _EMBED, _LM_HEAD, _PROJECTOR, _NEWLINE = range(4)
 
@@ -302,20 +306,14 @@ def stage1_start(init, model_values: dict, *, seed: int, param_dtype: str, out_d
     stage (projector_type, vision_feature_layer, image_aspect_ratio, image_grid_pinpoints, ...).
     The tokenizer and preprocessor files go to `out_dir` (default: a new temporary directory, which the
     trainer copies into the run)."""
-    import tempfile
-
-    from llava_jax.errors import ConfigError
-
     values = dict(model_values or {})
     for part in ("vision", "text"):
         if values.pop(part, None):
             raise ConfigError(f"init.kind 'components' takes the {part} tower's shape from its directory; remove "
                               f"model.{part} from the stage config")  # fmt: skip
-    known = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "image_aspect_ratio",
-             "image_grid_pinpoints", "patch_merge_type")  # fmt: skip
-    for key in set(values) - set(known):
-        if key not in ("image_token_id", "param_dtype", "dtype", "projector_bias", "semantics", "model_max_length"):
-            raise ConfigError(f"model.{key} cannot be set for init.kind 'components'; settable: {list(known)}")
+    for key in set(values) - set(SETTABLE):
+        raise ConfigError(f"model.{key} cannot be set for init.kind 'components' (the towers' directories and the "
+                          f"tokenizer decide it); settable: {list(SETTABLE)}")  # fmt: skip
     for path_field in ("vision_tower", "language_model"):
         if not init.get(path_field, ""):
             raise ConfigError(f"init.{path_field} is empty; init.kind 'components' needs a CLIP directory "
@@ -323,9 +321,6 @@ def stage1_start(init, model_values: dict, *, seed: int, param_dtype: str, out_d
     if isinstance(values.get("vision_feature_layer"), list):
         values["vision_feature_layer"] = tuple(values["vision_feature_layer"])
     out = out_dir or tempfile.mkdtemp(prefix="llava_jax_start_")
-    config, state = init_from_components(
-        init.vision_tower, init.language_model, out,
-        tokenizer_dir=init.get("tokenizer", "") or None, seed=seed, dtype=param_dtype,
-        **{k: values[k] for k in known if k in values},
-    )  # fmt: skip
+    config, state = init_from_components(init.vision_tower, init.language_model, out, seed=seed, dtype=param_dtype,
+                                         tokenizer_dir=init.get("tokenizer", "") or None, **values)  # fmt: skip
     return Start(config, nnx.to_pure_dict(state), out)
