@@ -62,6 +62,6 @@ def get_config():
                                             eval_batch_size=200))  # fmt: skip
     c.stage_order = ("pretrain", "finetune")
     c.stages = ml_collections.ConfigDict()
-    c.stages.pretrain = ml_collections.ConfigDict(stage("scratch", "plain", 40, 2, 3e-3))
-    c.stages.finetune = ml_collections.ConfigDict(stage("previous", TEMPLATE, 64, 2, 3e-3))
+    c.stages.pretrain = ml_collections.ConfigDict(stage("scratch", "plain", 40, 6, 2e-3))
+    c.stages.finetune = ml_collections.ConfigDict(stage("previous", TEMPLATE, 64, 8, 2e-3))
     return c

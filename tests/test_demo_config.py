@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from llava_jax import demo
 from llava_jax.data import synthetic
@@ -68,3 +69,23 @@ def test_answerer_renders_the_training_template(tmp_path):
     assert text == f"[INST] <image>\n{question} [/INST]" and len(images) == 1
     expected = np.mean([q["answer"] == "red" for q in synthetic.heldout_questions(demo.data_dir(str(tmp_path)))])
     assert result["accuracy"] == result["blank_accuracy"] == expected
+
+
+@pytest.mark.slow  # two compiles and a scoring pass; test_prepare_* and test_answerer_* cover the parts
+def test_demo_command_trains_and_scores(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    run = subprocess.run(
+        [sys.executable, os.path.join(root, "train.py"), f"--config={CONFIG}", f"--workdir={tmp_path}",
+         "--config.max_steps=2", "--config.demo.num_images=32", "--config.demo.num_heldout=8",
+         "--config.demo.eval_batch_size=8", "--config.progress=False"],
+        capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [s["stage"] for s in summary["stages"]] == ["pretrain", "finetune"]
+    evaluation = summary["evaluation"]
+    assert evaluation["num_questions"] == 8 and 0 <= evaluation["accuracy"] <= 1
+    assert set(evaluation["per_category"]) <= set(synthetic.CATEGORIES)
