@@ -49,6 +49,10 @@ def checkpoint_template(path: str | None, config) -> str:
 
 
 def _recorded_template(path: str) -> str | None:
+    from llava_jax.train import run_dir
+
+    if run_dir.is_run_dir(path):
+        return run_dir.latest_stage(path).template
     if not (os.path.isdir(path) and orbax.is_model_dir(path)):
         return None
     with open(os.path.join(path, orbax.MARKER)) as f:

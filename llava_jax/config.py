@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any
 
-from llava_jax.errors import ConfigError, UnknownNameError, UnsupportedError
+from llava_jax.errors import ConfigError, UnsupportedError
 from llava_jax.json_file import read_json_object
 
 
@@ -336,22 +336,28 @@ def text_config_from_hf(hf: dict[str, Any]) -> TextConfig:
     )
 
 
-# -- presets: the real dimensions of published checkpoints -------------------------------------
+# -- presets: moved to configs/models.py (the model presets live with the run configs) ---------------
 
-CLIP_L14_336 = VisionConfig()
-VICUNA_7B = TextConfig(vocab_size=32064, max_position_embeddings=4096)
-VICUNA_13B = TextConfig(
-    vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-    num_kv_heads=40, max_position_embeddings=4096,
-)  # fmt: skip
 
-PRESETS: dict[str, LlavaConfig] = {
-    "llava-1.5-7b": LlavaConfig(vision=CLIP_L14_336, text=VICUNA_7B, image_aspect_ratio="pad"),
-    "llava-1.5-13b": LlavaConfig(vision=CLIP_L14_336, text=VICUNA_13B, image_aspect_ratio="pad"),
-}
+def _models():
+    """configs/models.py of this source checkout."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models.py")
+    if not os.path.isfile(path):
+        raise ImportError(f"the model presets live in configs/models.py of a source checkout; {path} is missing")
+    spec = importlib.util.spec_from_file_location("llava_jax_config_presets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def preset(name: str, **overrides) -> LlavaConfig:
-    if name not in PRESETS:
-        raise UnknownNameError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
+    """Compatibility: `configs.models.preset`."""
+    return _models().preset(name, **overrides)
+
+
+def __getattr__(name: str):
+    if name == "PRESETS":
+        return _models().PRESETS
+    raise AttributeError(name)

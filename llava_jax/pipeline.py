@@ -28,6 +28,7 @@ from llava_jax.generate import Generator, prompt_rows
 from llava_jax.model import anyres, anyres_merge
 from llava_jax.model.llava import LlavaModel, check_image_tokens
 from llava_jax.samplers import make_sampler
+from llava_jax.train import run_dir
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -38,10 +39,12 @@ def abstract_model(config: LlavaConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def checkpoint_kind(path: str) -> str:
-    """'llava_jax' (our model directory), 'hf' (llava-hf), 'original' (haotian-liu/LLaVA) or 'gguf'
-    (llama.cpp: a .gguf file, or a directory holding the model and its mmproj .gguf)."""
+    """'llava_jax' (our model directory), 'run' (a training run's workdir), 'hf' (llava-hf), 'original'
+    (haotian-liu/LLaVA) or 'gguf' (llama.cpp: a .gguf file, or a directory holding the model and its mmproj .gguf)."""
     if not os.path.exists(path):
         raise MissingInputError(f"no checkpoint at {path}{leftover_hint(path)}")
+    if run_dir.is_run_dir(path):
+        return "run"
     if os.path.isdir(path) and orbax.is_model_dir(path):
         return "llava_jax"
     if orbax.incomplete_model_dir(path):
@@ -75,6 +78,8 @@ def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, pro
         raise ConfigError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
     if mmproj is not None and kind != "gguf":
         raise ConfigError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
+    if kind == "run":
+        return load_run_model(path, dtype, mesh)
     try:
         if kind == "llava_jax":
             config = orbax.read_config(path)
@@ -105,10 +110,25 @@ def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, pro
     return nnx.merge(graphdef, state), config
 
 
+def load_run_model(path: str, dtype: str, mesh: Mesh | None):
+    """The latest checkpoint of a training run (LoRA adapters merged). Returns (model, config)."""
+    run = run_dir.read_run(path, dtype)
+    config = run.config.replace(param_dtype=dtype, dtype=dtype)
+    graphdef, abstract = abstract_model(config)
+    state = jax.tree.map(lambda v: v, abstract)
+    nnx.replace_by_pure_dict(state, run_dir.merged_params(run))
+    if mesh is not None:
+        state = jax.device_put(state, shd.state_shardings(abstract, mesh))
+    return nnx.merge(graphdef, state), config
+
+
 def side_directory(path: str, vision_tower: str | None = None) -> str:
-    """Where the preprocessor_config.json of a checkpoint lives: the checkpoint itself, or for an original
-    LLaVA checkpoint its CLIP directory."""
-    if checkpoint_kind(path) != "original":
+    """Where the tokenizer and preprocessor_config.json of a checkpoint live: the checkpoint itself, a
+    training run's stage directory, or for an original LLaVA checkpoint its CLIP directory."""
+    kind = checkpoint_kind(path)
+    if kind == "run":
+        return run_dir.latest_stage(path).side_dir
+    if kind != "original":
         return path
     cfg = original.read_json(os.path.join(path, "config.json"))
     return original.find_vision_tower(path, cfg, vision_tower)
@@ -159,7 +179,7 @@ def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_to
     if checkpoint_kind(path) == "gguf":
         tokenizer, image_processor = load_gguf_side(path, mmproj, config)
     else:
-        tokenizer = load_tokenizer_if_present(path)
+        tokenizer = load_tokenizer_if_present(side_directory(path) if checkpoint_kind(path) == "run" else path)
         image_processor = load_image_processor(side_directory(path, vision_tower), config)
     return Pipeline(model, config, mesh=mesh, directory=path, tokenizer=tokenizer,
                     image_processor=image_processor, generation_layout=generation_layout)  # fmt: skip

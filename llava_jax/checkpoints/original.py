@@ -182,14 +182,19 @@ def original_rules(cfg: LlavaConfig) -> list[Rule]:
     """Every parameter of a LlavaModel for `cfg`, under the original module names."""
     rules = vision_rules(VISION_PREFIX)
     rules += decoder_rules(cfg, "model.", "lm_head.weight")
-    if cfg.projector_type == "linear":
-        rules += linear("projector.linears.0", "model.mm_projector", bias=True)
-    else:  # Sequential(Linear, GELU, Linear, ...): the linears sit at even indices
-        for i in range(projector_depth(cfg.projector_type)):
-            rules += linear(f"projector.linears.{i}", f"model.mm_projector.{2 * i}", bias=True)
+    rules += mm_projector_rules(cfg)
     if cfg.has_image_newline:
         rules.append(Rule("image_newline", "model.image_newline"))
     return rules
+
+
+def mm_projector_rules(cfg: LlavaConfig, prefix: str = "model.mm_projector") -> list[Rule]:
+    """The projector under the original's names: `prefix.{weight,bias}` for 'linear', else
+    Sequential(Linear, GELU, Linear, ...) with the linears at even indices `prefix.{0,2,..}.*`."""
+    if cfg.projector_type == "linear":
+        return linear("projector.linears.0", prefix, bias=True)
+    return [r for i in range(projector_depth(cfg.projector_type))
+            for r in linear(f"projector.linears.{i}", f"{prefix}.{2 * i}", bias=True)]  # fmt: skip
 
 
 def original_ignored(cfg: LlavaConfig) -> tuple[str, ...]:

@@ -67,6 +67,17 @@ class TorchBinCheckpoint:
         if self._weight_map is None:
             self._weight_map = {key: BIN_FILE for key in self._load(BIN_FILE)}
 
+    @classmethod
+    def from_file(cls, path: str) -> "TorchBinCheckpoint":
+        """One .bin file of any name (e.g. the original LLaVA's mm_projector.bin)."""
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} does not exist")
+        self = cls.__new__(cls)
+        self.directory, name = os.path.split(os.path.abspath(path))
+        self._files = {}
+        self._weight_map = {key: name for key in self._load(name)}
+        return self
+
     def _load(self, name: str) -> dict:
         if name not in self._files:
             torch = _torch()

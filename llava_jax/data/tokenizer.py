@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 from llava_jax.errors import CheckpointError, MissingInputError, UnsupportedError, UserError
 from llava_jax.json_file import read_json_object
@@ -125,6 +125,18 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
+
+    def to_json(self) -> str:
+        """This tokenizer as a `tokenizer.json` (BOS/EOS added by its post-processor), which transformers'
+        `TokenizersBackend` runs as written: exported checkpoints carry it so that transformers gives these ids."""
+        backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+        names = [self._backend.id_to_token(i) for i in (*self._prefix_ids, *self._suffix_ids)]
+        prefix, suffix = names[: len(self._prefix_ids)], names[len(self._prefix_ids) :]
+        backend.post_processor = processors.TemplateProcessing(
+            single=[*prefix, "$A", *suffix], pair=[*prefix, "$A", *suffix, *prefix, "$B:1", *suffix],
+            special_tokens=[(n, self._backend.token_to_id(n)) for n in dict.fromkeys(names)],
+        )  # fmt: skip
+        return backend.to_str()
 
     def __repr__(self) -> str:
         return (
