@@ -49,7 +49,7 @@ TASKS: dict[str, Task] = {
     "vizwiz": Task("jsonl", SHORT_ANSWER),
     "textvqa": Task("jsonl", SHORT_ANSWER),
     "pope": Task("jsonl", SHORT_ANSWER),
-    "mme": Task("jsonl"),  # MME's own "Please answer yes or no." is in the text; its scorer keys on it
+    "mme": Task("jsonl", SHORT_ANSWER),  # LLaVA's llava_mme.jsonl: MME's question, its "Please answer yes or no." replaced
     "seed": Task("jsonl", OPTION_LETTER),
     "llava_bench": Task("jsonl", max_new_tokens=1024),
     "mmvet": Task("jsonl", max_new_tokens=1024),
