@@ -3,6 +3,7 @@ batch-size-1 answers (images of different sizes, LLaVA-NeXT tiles), resume after
 
 import json
 import os
+import re
 
 import pytest
 
@@ -153,3 +154,27 @@ def test_answers_of_another_file_are_refused(pipe, data, tmp_path):
         f.write(json.dumps({"question_id": 77, "text": "x"}) + "\n")
     with pytest.raises(DataError, match="another question file"):
         run_questions(pipe, task_questions(data, "gqa"), path, max_new_tokens=NEW, progress=False)
+
+
+def test_run_command(pipe, data, tmp_path):
+    """The command: the 20 answers, a progress bar with rate and ETA on stderr, one JSON summary line last;
+    answers equal to the library's; a wrong path is one line and status 2."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    answers = str(tmp_path / "cli.jsonl")
+    cmd = [sys.executable, "-m", "llava_jax.eval", "run", "--task", "gqa", "--model", pipe.directory, "--dtype",
+           "float32", "--questions", os.path.join(data, "q.jsonl"), "--images", os.path.join(data, "images"),
+           "--answers", answers, "--batch_size", "8", "--max_new_tokens", str(NEW)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["answered"] == 20 and summary["questions_per_s"] > 0 and summary["answers"] == answers
+    assert re.search(r"20/20 \[.*<.*q/s\]", out.stderr), out.stderr[-500:]
+    library = str(tmp_path / "lib.jsonl")
+    run_questions(pipe, task_questions(data, "gqa"), library, batch_size=5, max_new_tokens=NEW, progress=False)
+    assert texts(answers) == texts(library)
+    bad = subprocess.run(cmd[:11] + [os.path.join(data, "missing.jsonl")] + cmd[12:], capture_output=True, text=True,
+                         cwd=root)  # fmt: skip
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr and "Traceback" not in bad.stderr
