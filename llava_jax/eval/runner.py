@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from llava_jax.chat import default_template
 from llava_jax.data.conversation import get_model_name_from_path, get_template, render
@@ -55,7 +56,8 @@ def batch_inputs(pipe, questions: Sequence[Question], template: str):
     rows, pixels, sizes = [], [], []
     for q in questions:
         text = render(template, [{"role": "user", "content": q.message}])
-        inputs = pipe.prepare(text, [load_image(q.image)] if q.image is not None else [])
+        images = q.image if isinstance(q.image, list) else [] if q.image is None else [q.image]
+        inputs = pipe.prepare(text, [im if isinstance(im, Image.Image) else load_image(im) for im in images])
         rows.append(inputs["input_ids"][0].tolist())
         if inputs["pixel_values"] is not None:
             pixels.append(inputs["pixel_values"])
@@ -68,13 +70,17 @@ def batch_inputs(pipe, questions: Sequence[Question], template: str):
     return rows, np.concatenate(pixels), np.concatenate(sizes)
 
 
-def answer_batch(pipe, questions: Sequence[Question], template: str, max_new_tokens: int) -> list[str]:
-    """The greedy answers to a batch of questions, cut at the template's stop string and stripped."""
+def answer_batch(pipe, questions: Sequence[Question], template: str, max_new_tokens: int, stop: Sequence[str] = (),
+                 **sampling) -> list[str]:  # fmt: skip
+    """The answers to a batch of questions (greedy unless `sampling` says otherwise: generate's
+    temperature, top_k, top_p, seed), cut at the first of `stop`, the template's stop string or the
+    end-of-sequence text, and stripped."""
     rows, pixel_values, image_sizes = batch_inputs(pipe, questions, template)
     tokenizer = pipe.tokenizer
     eos = tokenizer.decode([tokenizer.eos_id]) if tokenizer.eos_id is not None else ""
-    stop = tuple(s for s in {get_template(template).stop_string, eos} if s)
-    out = pipe.generate(rows, pixel_values, image_sizes, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+    stop = tuple(dict.fromkeys(s for s in (*stop, get_template(template).stop_string, eos) if s))
+    sampling = {"temperature": 0.0, **sampling}
+    out = pipe.generate(rows, pixel_values, image_sizes, max_new_tokens=max_new_tokens, stop=stop, **sampling)
     return [cut_at_stop(tokenizer.decode(ids), stop).strip() for ids in out]
 
 

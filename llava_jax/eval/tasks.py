@@ -71,14 +71,15 @@ class Question:
 
     question_id: as the file has it (the answer file's key); prompt: what the answer file records
     under "prompt" (the original scripts' `cur_prompt`); message: the user message, with "<image>\\n"
-    in front where there is an image; image: a path, or the image's bytes (MMBench), or None;
+    in front where there is an image; image: a path, the image's bytes (MMBench), a PIL image, a list
+    of them (one per `<image>` in the message), or None;
     record: extra answer-file fields (MMBench: round_id, options, option_char).
     """
 
     question_id: Any
     prompt: str
     message: str
-    image: str | bytes | None
+    image: Any
     record: dict = dataclasses.field(default_factory=dict)
 
 
