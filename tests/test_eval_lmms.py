@@ -158,7 +158,8 @@ def test_entry_point_is_declared():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "setup.py")) as f:
-        call = next(n for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+        tree = ast.parse(f.read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
     entry_points = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "entry_points"))
     assert entry_points == {"lmms_eval.models": ["llava_jax = llava_jax.eval.lmms_model:manifest"]}
     made = lmms_model.manifest()

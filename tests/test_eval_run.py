@@ -79,6 +79,17 @@ def test_answer_is_the_greedy_reply_to_the_original_prompt(pipe, data, tmp_path)
     assert texts(str(tmp_path / "a.jsonl")) == [expected]
 
 
+def test_every_task_reads_its_format(data):
+    from llava_jax.eval.tasks import TASKS
+
+    files = {"jsonl": "q.jsonl", "scienceqa": "sqa.json", "mmbench": "mmbench.tsv"}
+    for name, task in TASKS.items():
+        questions = load_questions(name, os.path.join(data, files[task.form]), os.path.join(data, "images"))
+        assert len(questions) == 20 and all(q.prompt for q in questions)
+        if task.suffix:
+            assert all(q.message.endswith("\n" + task.suffix) for q in questions), name
+
+
 def test_prompts_follow_the_original_scripts(data):
     sqa = task_questions(data, "scienceqa")
     assert sqa[0].image is None and not sqa[0].message.startswith("<image>")

@@ -36,7 +36,8 @@ def test_vqa_score_matches_textvqa_evaluator():
     evaluator = llava_eval.TextVQAAccuracyEvaluator()
     humans = [["two", "2", "2", "two dogs", "3", "2.", "Two", "dogs", "2", "none"],
               ["yes"] * 10, ["no", "No.", "nope", "no", "yes", "yes", "yes", "yes", "yes", "yes"],
-              ["1,000", "1000", "one thousand", "1,000.", "a thousand", "1000", "1k", "1000", "1 000", "1000"]]  # fmt: skip
+              ["1,000", "1000", "one thousand", "1,000.", "a thousand", "1000", "1k", "1000", "1 000", "1000"]]
+    # fmt: skip
     for gts in humans:
         for pred in ["2", "two", "Two dogs", "3", "0", "dogs", "x", "Yes.", "no", "1000", "1,000", "None"]:
             with contextlib.redirect_stderr(io.StringIO()):
@@ -45,7 +46,7 @@ def test_vqa_score_matches_textvqa_evaluator():
 
 
 POPE_ANSWERS = ["Yes", "No", "Yes, there is a dog.", "There is no dog.", "No.", "I do not see one", "not sure",
-                "Yes. But no cat.", "None", "no, it's not", "Nope", "Yes,no", "The answer is no", "NO", "yes"]  # fmt: skip
+                "Yes. But no cat.", "None", "no, it's not", "Nope", "Yes,no", "The answer is no", "NO", "yes"]
 
 
 def _original_pope(answers, label_file):
@@ -109,7 +110,8 @@ def test_scienceqa_matches_eval_science_qa(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", answers)
     out = subprocess.run([sys.executable, os.path.join(ORIGINAL, "eval_science_qa.py"), "--base-dir", str(tmp_path),
                           "--result-file", str(tmp_path / "a.jsonl"), "--output-file", str(tmp_path / "o.json"),
-                          "--output-result", str(tmp_path / "r.json")], capture_output=True, text=True, check=True)  # fmt: skip
+                          "--output-result", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True)  # fmt: skip
     acc, img = map(float, re.search(r"Accuracy: ([\d.]+)%, IMG-Accuracy: ([\d.]+)%", out.stdout).groups())
     ours = scorers.score("scienceqa", str(tmp_path / "a.jsonl"), str(tmp_path))
     assert ours["accuracy"] == pytest.approx(json.loads((tmp_path / "r.json").read_text())["acc"])
@@ -154,7 +156,8 @@ def test_mme_rules(tmp_path):
     q = "Are there two dogs? Please answer yes or no."
     (root / "count" / "1.txt").write_text(f"{q}\tYes\nAre there three dogs? Please answer yes or no.\tNo\n")
     (root / "count" / "2.txt").write_text(f"{q}\tNo\nIs there a dog?  Please answer yes or no.\tYes\n")
-    (root / "artwork" / "questions_answers_YN" / "10.txt").write_text(f"{q}\tNo\nIs it red? Please answer yes or no.\tYes\n")
+    artwork = root / "artwork" / "questions_answers_YN" / "10.txt"
+    artwork.write_text(f"{q}\tNo\nIs it red? Please answer yes or no.\tYes\n")
     (root / "code_reasoning" / "5.txt").write_text(f"{q}\tYes\nIs it code? Please answer yes or no.\tNo\n")
     short = "\nAnswer the question using a single word or phrase."
     answers = [
@@ -190,7 +193,8 @@ def test_gqa_and_seed_exact_match(tmp_path):
     seed = {"question_type": {"Scene": 1, "Count": 2},
             "questions": [{"question_id": "1", "answer": "A", "question_type_id": 1, "data_type": "image"},
                           {"question_id": "2", "answer": "B", "question_type_id": 2, "data_type": "image"},
-                          {"question_id": "3", "answer": "C", "question_type_id": 2, "data_type": "video"}]}  # fmt: skip
+                          {"question_id": "3", "answer": "C", "question_type_id": 2, "data_type": "video"}]}
+    # fmt: skip
     (tmp_path / "seed.json").write_text(json.dumps(seed))
     ours = scorers.score("seed", str(tmp_path / "s.jsonl"), str(tmp_path / "seed.json"))
     assert ours["accuracy"] == 50.0 and ours["types"] == {"Count": 0.0, "Scene": 100.0}
@@ -199,7 +203,8 @@ def test_gqa_and_seed_exact_match(tmp_path):
 def test_mmbench_circular(tmp_path):
     """A question counts only when every rotation of its options (and every copy at index + k * 1e6) is right."""
     header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\timage\n"
-    rows = ["0\tq0\tnan\tcat\tdog\tcow\t\tB\tx", "1\tq1\tnan\tred\tblue\t\t\tA\tx", "1000001\tq1\tnan\tblue\tred\t\t\tB\tx"]
+    rows = ["0\tq0\tnan\tcat\tdog\tcow\t\tB\tx", "1\tq1\tnan\tred\tblue\t\t\tA\tx",
+            "1000001\tq1\tnan\tblue\tred\t\t\tB\tx"]
     (tmp_path / "mmb.tsv").write_text(header + "\n".join(rows) + "\n")
     answers = [  # q0: answer "dog"; rounds shift the options left by one each time
         {"question_id": 0, "round_id": 0, "text": "B", "options": ["cat", "dog", "cow"]},
@@ -211,8 +216,8 @@ def test_mmbench_circular(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "", **a} for a in answers])
     ours = scorers.score("mmbench", str(tmp_path / "a.jsonl"), str(tmp_path / "mmb.tsv"))
     assert ours["accuracy"] == 50.0 and ours["single_pass_accuracy"] == 100.0 and ours["count"] == 2
-    assert [choices.mmbench_choice(t, ["cat", "dog"]) for t in ["B", "b", "(B) dog", "Dog.", "C", "cat or dog", "B:"]] == [
-        1, -1, 1, 1, -1, -1, 1]  # fmt: skip
+    texts = ["B", "b", "(B) dog", "Dog.", "C", "cat or dog", "B:"]
+    assert [choices.mmbench_choice(t, ["cat", "dog"]) for t in texts] == [1, -1, 1, 1, -1, -1, 1]
 
 
 def test_score_command_prints_json_and_reports_mistakes(tmp_path):

@@ -50,7 +50,8 @@ def test_mmbench_xlsx_has_the_servers_columns(tmp_path):
     with zipfile.ZipFile(out) as z:
         sheet = z.read("xl/worksheets/sheet1.xml").decode()
         assert {"[Content_Types].xml", "xl/workbook.xml", "_rels/.rels"} <= set(z.namelist())
-    cells = re.findall(r'<c r="([A-Z]+)(\d+)"(?: t="inlineStr")?>(?:<v>(.*?)</v>|<is><t[^>]*>(.*?)</t></is>)</c>', sheet)
+    cell = r'<c r="([A-Z]+)(\d+)"(?: t="inlineStr")?>(?:<v>(.*?)</v>|<is><t[^>]*>(.*?)</t></is>)</c>'
+    cells = re.findall(cell, sheet)
     table = {(col, int(row)): v or t for col, row, v, t in cells}
     header_row = [table[(column_name(i), 1)] for i in range(9)]
     assert header_row == ["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"]

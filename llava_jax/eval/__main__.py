@@ -38,6 +38,8 @@ def parse_args(argv):
                      "rotation of its options (circular evaluation)")  # fmt: skip
     run.add_argument("--num_shards", type=int, default=None, help="default: jax.process_count()")
     run.add_argument("--shard", type=int, default=None, help="default: jax.process_index()")
+    run.add_argument("--merge_timeout", type=float, default=3600.0, help="seconds shard 0 waits for the other "
+                     "shards' answers before it merges them (a later run of any shard merges too)")  # fmt: skip
     run.add_argument("--model_id", default=None, help="the answers' model_id (default: the model's folder name)")
     run.add_argument("--no_progress", action="store_true")
 
@@ -71,7 +73,7 @@ def run_command(args) -> dict:
     return run_questions(pipe, questions, args.answers, task=args.task, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens or task.max_new_tokens, template=args.template,
                          model_id=args.model_id, shard=shard, num_shards=num_shards,
-                         progress=not args.no_progress)  # fmt: skip
+                         progress=not args.no_progress, merge_timeout=args.merge_timeout)  # fmt: skip
 
 
 def score_command(args) -> dict:

@@ -49,7 +49,7 @@ TASKS: dict[str, Task] = {
     "vizwiz": Task("jsonl", SHORT_ANSWER),
     "textvqa": Task("jsonl", SHORT_ANSWER),
     "pope": Task("jsonl", SHORT_ANSWER),
-    "mme": Task("jsonl", SHORT_ANSWER),  # LLaVA's llava_mme.jsonl: MME's question, its "Please answer yes or no." replaced
+    "mme": Task("jsonl", SHORT_ANSWER),  # llava_mme.jsonl: MME's question, "Please answer yes or no." replaced
     "seed": Task("jsonl", OPTION_LETTER),
     "llava_bench": Task("jsonl", max_new_tokens=1024),
     "mmvet": Task("jsonl", max_new_tokens=1024),
@@ -176,6 +176,7 @@ def _mmbench_questions(path: str, suffix: str, all_rounds: bool) -> list[Questio
             for char, option in zip(OPTION_CHARS, options):
                 question += "\n" + char + ". " + option
             record = {"round_id": round_id, "options": list(options), "option_char": list(chars)}
-            out.append(Question(int(row["index"]), question, with_suffix("<image>\n" + question, suffix), image, record))
+            message = with_suffix("<image>\n" + question, suffix)
+            out.append(Question(int(row["index"]), question, message, image, record))
             options, chars = options[1:] + options[:1], chars[1:] + chars[:1]
     return out
