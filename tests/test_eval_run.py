@@ -167,24 +167,39 @@ def test_answers_of_another_file_are_refused(pipe, data, tmp_path):
         run_questions(pipe, task_questions(data, "gqa"), path, max_new_tokens=NEW, progress=False)
 
 
-def test_run_command(pipe, data, tmp_path):
-    """The command: the 20 answers, a progress bar with rate and ETA on stderr, one JSON summary line last;
-    answers equal to the library's; a wrong path is one line and status 2."""
+def test_run_command_killed_and_resumed(pipe, data, tmp_path):
+    """The command, killed (SIGKILL) mid-run and run again: all 20 answers once each, in question order,
+    equal to the library's; a progress bar with rate and ETA on stderr; one JSON summary line last; a
+    wrong path is one line and status 2."""
+    import signal
     import subprocess
     import sys
+    import time
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     answers = str(tmp_path / "cli.jsonl")
     cmd = [sys.executable, "-m", "llava_jax.eval", "run", "--task", "gqa", "--model", pipe.directory, "--dtype",
            "float32", "--questions", os.path.join(data, "q.jsonl"), "--images", os.path.join(data, "images"),
-           "--answers", answers, "--batch_size", "8", "--max_new_tokens", str(NEW)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+           "--answers", answers, "--max_new_tokens", str(NEW)]  # fmt: skip
+    victim = subprocess.Popen(cmd + ["--batch_size", "1"], cwd=root, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None and len(read_answers(answers)) < 3:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL  # killed while answering, not finished
+    killed_at = len(read_answers(answers))
+    assert 3 <= killed_at < 20
+    out = subprocess.run(cmd + ["--batch_size", "8"], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["answered"] == 20 and summary["questions_per_s"] > 0 and summary["answers"] == answers
-    assert re.search(r"20/20 \[.*<.*q/s\]", out.stderr), out.stderr[-500:]
+    assert summary["resumed"] == killed_at and summary["answered"] == 20 - killed_at
+    assert summary["questions_per_s"] > 0 and summary["answers"] == answers
+    assert re.search(r"20/20 \[.*<.*(q/s|s/q)\]", out.stderr), out.stderr[-500:]  # rate and ETA
+    questions = task_questions(data, "gqa")
+    assert [a["question_id"] for a in read_answers(answers)] == [q.question_id for q in questions]
     library = str(tmp_path / "lib.jsonl")
-    run_questions(pipe, task_questions(data, "gqa"), library, batch_size=5, max_new_tokens=NEW, progress=False)
+    run_questions(pipe, questions, library, batch_size=5, max_new_tokens=NEW, progress=False)
     assert texts(answers) == texts(library)
     bad = subprocess.run(cmd[:11] + [os.path.join(data, "missing.jsonl")] + cmd[12:], capture_output=True, text=True,
                          cwd=root)  # fmt: skip
