@@ -35,7 +35,7 @@ UTILS = textwrap.dedent('''
 ''')
 
 
-def task_yaml(name, dataset, output_type):
+def task_yaml(name, dataset, output_type, until="</s>"):
     common = f"task: {name}\ndataset_path: {dataset}\ndataset_kwargs:\n  load_from_disk: true\ntest_split: test\n" \
              "doc_to_visual: !function utils.doc_to_visual\ndoc_to_text: !function utils.doc_to_text\n"
     if output_type == "generate_until":
@@ -44,7 +44,7 @@ def task_yaml(name, dataset, output_type):
             doc_to_target: answer
             generation_kwargs:
               max_new_tokens: {NEW}
-              until: ["</s>"]
+              until: ["{until}"]
               temperature: 0
             metric_list:
               - metric: exact_match
@@ -78,9 +78,11 @@ def setup(tmp_path_factory, sp_model_proto):
     os.makedirs(tasks)
     with open(os.path.join(tasks, "utils.py"), "w") as f:
         f.write(UTILS)
-    for name, kind in (("tiny_llava_jax_gen", "generate_until"), ("tiny_llava_jax_mc", "multiple_choice")):
+    for name, kind, until in (("tiny_llava_jax_gen", "generate_until", "</s>"),
+                              ("tiny_llava_jax_until", "generate_until", "e"),
+                              ("tiny_llava_jax_mc", "multiple_choice", None)):  # fmt: skip
         with open(os.path.join(tasks, name + ".yaml"), "w") as f:
-            f.write(task_yaml(name, os.path.join(root, "ds"), kind))
+            f.write(task_yaml(name, os.path.join(root, "ds"), kind, until))
     return root, model_dir, tasks
 
 
@@ -97,18 +99,24 @@ def evaluate(model_dir, tasks, task, batch_size, limit=None):
                            limit=limit)  # fmt: skip
 
 
+def responses(out, task):
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    return [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"] for s in samples]
+
+
 def test_generation_equals_eval_run(setup, tmp_path):
     root, model_dir, tasks = setup
     out = evaluate(model_dir, tasks, "tiny_llava_jax_gen", batch_size=3)
     assert "exact_match,none" in out["results"]["tiny_llava_jax_gen"]
-    samples = sorted(out["samples"]["tiny_llava_jax_gen"], key=lambda s: s["doc_id"])
-    lmms_answers = [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
-                    for s in samples]  # fmt: skip
+    lmms_answers = responses(out, "tiny_llava_jax_gen")
     pipe = llava_jax.load(model_dir, dtype="float32")
     questions = load_questions("gqa", os.path.join(root, "q.jsonl"), os.path.join(root, "images"))
     run_questions(pipe, questions, str(tmp_path / "a.jsonl"), batch_size=1, max_new_tokens=NEW, progress=False)
-    assert lmms_answers == [a["text"] for a in read_answers(str(tmp_path / "a.jsonl"))]
-    assert len(set(lmms_answers)) > 2
+    run_answers = [a["text"] for a in read_answers(str(tmp_path / "a.jsonl"))]
+    assert lmms_answers == run_answers and len(set(lmms_answers)) > 2
+    # a task's `until` ends an answer at its first occurrence
+    cut = responses(evaluate(model_dir, tasks, "tiny_llava_jax_until", batch_size=4), "tiny_llava_jax_until")
+    assert cut == [a.split("e")[0].strip() for a in run_answers] and any("e" in a for a in run_answers)
 
 
 def test_multiple_choice_picks_the_least_loss(setup):
