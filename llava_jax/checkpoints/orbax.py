@@ -34,11 +34,12 @@ def is_model_dir(path: str) -> bool:
 
 
 def save_model_dir(directory: str, state: nnx.State, config: LlavaConfig, copy_from: str | None = None,
-                   template: str | None = None) -> None:  # fmt: skip
+                   template: str | None = None, quantization: dict | None = None) -> None:  # fmt: skip
     """Writes parameters (as stored in `state`), config and side files. Refuses to overwrite.
 
     template: the conversation template chosen for the source checkpoint (its name is gone after
     conversion), recorded for `llava_jax.chat.checkpoint_template`.
+    quantization: {kernel path: [bits, block or None]} of a quantized model (`quant.plan_to_json`).
     """
     params_dir = os.path.join(os.path.abspath(directory), "params")
     if os.path.exists(params_dir):
@@ -56,6 +57,8 @@ def save_model_dir(directory: str, state: nnx.State, config: LlavaConfig, copy_f
             meta = {"format": "llava_jax", "version": FORMAT_VERSION, "config": config.to_dict()}
             if template is not None:
                 meta["template"] = template
+            if quantization:
+                meta["quantization"] = quantization
             json.dump(meta, f, indent=2)
 
 
@@ -71,6 +74,12 @@ def read_config(directory: str) -> LlavaConfig:
     return LlavaConfig.from_dict(meta["config"])
 
 
+def read_quantization(directory: str) -> dict:
+    """{kernel path: [bits, block]} of a model directory stored quantized ({} for a float one)."""
+    with open(os.path.join(directory, MARKER)) as f:
+        return json.load(f).get("quantization") or {}
+
+
 def restore_params(directory: str, abstract: nnx.State, shardings: nnx.State | None = None, dtype=None) -> nnx.State:
     """Restores the parameters into the structure of `abstract`, cast to `dtype`, laid out by `shardings`."""
     params_dir = os.path.join(os.path.abspath(directory), "params")
@@ -80,7 +89,9 @@ def restore_params(directory: str, abstract: nnx.State, shardings: nnx.State | N
     shard = nnx.to_pure_dict(shardings) if shardings is not None else jax.tree.map(lambda _: None, pure)
 
     def target(a, s):
-        return jax.ShapeDtypeStruct(a.shape, np.dtype(dtype or a.dtype), sharding=s or _default_sharding())
+        keep = jax.numpy.issubdtype(a.dtype, jax.numpy.integer)  # quantized values stay integers
+        return jax.ShapeDtypeStruct(a.shape, a.dtype if keep else np.dtype(dtype or a.dtype),
+                                    sharding=s or _default_sharding())  # fmt: skip
 
     with ocp.StandardCheckpointer() as checkpointer:
         try:
