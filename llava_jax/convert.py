@@ -3,6 +3,7 @@
     python -m llava_jax.convert --src llava-1.5-7b-hf --out llava15-7b-jax [--dtype bfloat16]
     python -m llava_jax.convert --src llava-v1.5-7b --vision_tower clip-vit-large-patch14-336 --out ...
     python -m llava_jax.convert --src llava-v1.5-7b-Q4_K_M.gguf --mmproj mmproj-model-f16.gguf --out ...
+    python -m llava_jax.convert --src llava-1.5-7b-hf --out llava15-7b-int8 --quantize int8
 
 Tensors are read one at a time and cast to --dtype, so a 7B checkpoint converts to bfloat16 within
 about 16 GB of memory. The last line printed is a JSON summary.
@@ -19,6 +20,7 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
+from llava_jax import quant
 from llava_jax.chat import checkpoint_template
 from llava_jax.checkpoints import orbax
 from llava_jax.pipeline import checkpoint_kind, load_model, side_directory
@@ -29,27 +31,33 @@ _VISION_TOWER = flags.DEFINE_string("vision_tower", None, "Original LLaVA only: 
 _MMPROJ = flags.DEFINE_string("mmproj", None, "GGUF only: the multimodal projector file of --src.")
 _OUT = flags.DEFINE_string("out", None, "Output directory; must not hold a model yet.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4", "auto"],
+                              "Store the decoder's linear layers quantized (llava_jax.quant); 'auto' keeps a GGUF "
+                              "file's Q8_0/Q4_0 tensors as they are.")  # fmt: skip
 
 
 def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
-            vision_tower: str | None = None, mmproj: str | None = None) -> dict:  # fmt: skip
+            vision_tower: str | None = None, mmproj: str | None = None, quantize: str | None = None) -> dict:  # fmt: skip
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("--out must differ from --src")
     kind = checkpoint_kind(src)
     if kind == "llava_jax":
         raise ValueError(f"{src} is already a llava_jax model directory")
-    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
+    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj,
+                               quantize=quantize)  # fmt: skip
     state = nnx.state(model)
     orbax.save_model_dir(out, state, config, copy_from=None if kind == "gguf" else src,
-                         template=checkpoint_template(src, config))  # fmt: skip
+                         template=checkpoint_template(src, config),
+                         quantization=quant.plan_to_json(quant.model_plan(model)))  # fmt: skip
     if kind == "gguf":
         write_gguf_side_files(src, mmproj, out)
     preprocessor = os.path.join(side_directory(src, vision_tower), "preprocessor_config.json")
     if not os.path.exists(os.path.join(out, "preprocessor_config.json")) and os.path.isfile(preprocessor):
         shutil.copy2(preprocessor, out)  # an original checkpoint's lives in its CLIP directory
     n_params = sum(x.size for x in jax.tree.leaves(state))
-    return {"src": src, "out": out, "dtype": dtype, "parameters": int(n_params), "seconds": round(time.time() - start, 1)}
+    return {"src": src, "out": out, "dtype": dtype, "quantize": quantize, "parameters": int(n_params),
+            "bytes": quant.parameter_bytes(state), "seconds": round(time.time() - start, 1)}  # fmt: skip
 
 
 def write_gguf_side_files(src: str, mmproj: str | None, out: str) -> None:
@@ -71,7 +79,7 @@ def main(argv):
     if not _SRC.value or not _OUT.value:
         raise app.UsageError("--src and --out are required")
     print(json.dumps(convert(_SRC.value, _OUT.value, _DTYPE.value, vision_tower=_VISION_TOWER.value,
-                             mmproj=_MMPROJ.value)))  # fmt: skip
+                             mmproj=_MMPROJ.value, quantize=_QUANTIZE.value)))  # fmt: skip
 
 
 if __name__ == "__main__":

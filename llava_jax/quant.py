@@ -252,3 +252,14 @@ def plan_to_json(plan: dict[str, QuantSpec]) -> dict:
 
 def plan_from_json(data: dict) -> dict[str, QuantSpec]:
     return {path: QuantSpec(int(bits), None if block is None else int(block)) for path, (bits, block) in data.items()}
+
+
+def model_plan(model: nnx.Module) -> dict[str, QuantSpec]:
+    """{kernel path: QuantSpec} of a model's QuantizedLinear layers (what `convert --quantize` records)."""
+    plan = {}
+    for path, m in nnx.iter_graph(model):
+        if isinstance(m, QuantizedLinear):
+            d_in, nb = m.qvalue.shape[-2], m.scale.shape[-2]
+            bits = 4 if m.qvalue[...].dtype == jnp.int4 else 8
+            plan[".".join(map(str, path)) + ".kernel"] = QuantSpec(bits, None if nb == 1 else d_in // nb)
+    return plan
