@@ -193,16 +193,21 @@ def split_int8(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return hi.astype(jnp.int8), lo.astype(jnp.int8), s
 
 
-def int8_product(q: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
-    """x: [N, D] @ (q * scale).T with q: [F, D] int8, scale: [F] -> [F, N] float32.
+def int8_product(q: jax.Array, scale: jax.Array, x: jax.Array, *, few_rows: int = 64) -> jax.Array:
+    """x: [N, D] @ (q * scale).T with q: [F, D] int8, scale: [F] -> [N, F] float32.
 
     One int8 x int8 -> int32 product of the weight with both activation parts as 2N rows (XLA:CPU's
-    fast kernel, which wants at least two rows: exactly what the split gives a single row)."""
+    fast kernel, which wants at least two rows: exactly what the split gives a single row); up to
+    `few_rows` rows as W @ X^T (decoding), more as X @ W^T (prefill)."""
     n = x.shape[0]
     hi, lo, s = split_int8(x)
-    y = jnp.einsum("fd,nd->fn", q, jnp.concatenate([hi, lo]), preferred_element_type=jnp.int32)
+    parts = jnp.concatenate([hi, lo])
+    if n <= few_rows:
+        y = jnp.einsum("fd,nd->nf", q, parts, preferred_element_type=jnp.int32)
+    else:
+        y = jnp.einsum("nd,fd->nf", parts, q, preferred_element_type=jnp.int32)
     y = y.astype(jnp.float32)
-    return (y[:, :n] + y[:, n:] / SPLIT) * s[None, :] * scale[:, None]
+    return (y[:n] + y[n:] / SPLIT) * s[:, None] * scale[None, :]
 
 
 # -- what to quantize when loading -------------------------------------------------------------------

@@ -118,7 +118,7 @@ def product(w: jax.Array, x: jax.Array, *, pad_columns: bool = False) -> jax.Arr
     """
     n = x.shape[0]
     if isinstance(w, quant.Int8Weight):
-        return quant.int8_product(w.q, w.scale, x).T
+        return quant.int8_product(w.q, w.scale, x, few_rows=DECODE_ROWS)
     x = x.astype(w.dtype)
     if n > DECODE_ROWS:
         return jnp.einsum("nd,fd->nf", x, w, preferred_element_type=jnp.float32)
