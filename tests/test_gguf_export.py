@@ -115,3 +115,33 @@ def test_quantized_model_exports(source, tmp_path):
     ids = np.array([[1] + list(range(5, 30))], np.int32)
     np.testing.assert_allclose(back.logits(ids), llava_jax.load(stored, dtype="float32").logits(ids), atol=1e-4)
     assert os.path.basename(summary["mmproj"]) == "mmproj-model-f32.gguf"
+
+
+def test_commands_export_and_run_quantized(source, tmp_path):
+    """`python -m llava_jax.convert --to gguf --outtype q8_0`, then `infer.py --quantize auto` on the pair."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    directory, _, _ = source
+    out = str(tmp_path / "pair")
+    convert = subprocess.run([sys.executable, "-m", "llava_jax.convert", "--src", directory, "--out", out, "--to", "gguf",
+                              "--outtype", "q8_0"], capture_output=True, text=True, cwd=root, env=env, timeout=300)  # fmt: skip
+    assert convert.returncode == 0, convert.stderr
+    summary = json.loads(convert.stdout.strip().splitlines()[-1])
+    assert os.path.basename(summary["model"]) == "model-q8_0.gguf"
+    picture = tmp_path / "picture.png"
+    image((30, 40), 4).save(picture)
+    args = ["--model", out, "--image", str(picture), "--prompt", "What is it?", "--temperature", "0",
+            "--max_new_tokens", "4", "--dtype", "float32", "--quantize", "auto"]  # fmt: skip
+    infer = subprocess.run([sys.executable, os.path.join(root, "infer.py"), *args], capture_output=True, text=True,
+                           cwd=root, env=env, timeout=300)  # fmt: skip
+    assert infer.returncode == 0, infer.stderr
+    pipe = llava_jax.load(out, dtype="float32", quantize="auto")
+    assert json.loads(infer.stdout.strip().splitlines()[-1])["answer"] == pipe.chat(
+        "What is it?", [str(picture)], max_new_tokens=4, temperature=0)
+    bad = subprocess.run([sys.executable, os.path.join(root, "infer.py"), "--model", out, "--prompt", "hi",
+                          "--quantize", "int3"], capture_output=True, text=True, cwd=root, env=env, timeout=300)  # fmt: skip
+    assert bad.returncode != 0 and "int8" in bad.stderr
