@@ -13,14 +13,21 @@ projector, embedding table and norms stay in floating point. `QuantizedLinear` d
 jitted product (what XLA fuses on GPU and TPU); the CPU decode layout (`model/decode_layout.py`)
 instead runs int8 x int8 -> int32 products (`int8_product`), see below.
 
-Why not qwix 0.1.8 (evaluated; it intercepts `dot_general` in NNX modules' calls):
+Why not qwix 0.1.8 (tried: `qwix.quantize_model(model, qwix.PtqProvider([QuantizationRule(
+module_path="decoder/.*", weight_qtype=int8)]), input_ids)` on the tiny test model):
+- the scanned decoder layers stay float: qwix intercepts the products while `scan_layers` runs
+  each layer from a split-and-merged slice of the stacked state, so its quantized weights never
+  reach the stacked parameters (`decoder.layers.*.kernel` stayed float32); only the unscanned LM
+  head was quantized, and then `Linear.__call__`'s `kernel.astype(dtype)` failed on qwix's
+  weight (`ValueError: Unsupported type: QArray`);
 - the generation path on CPU ("copy" layout) is plain functions over arrays, not NNX modules, so
-  qwix's interception never sees its products;
+  qwix's interception would never see its products;
 - the products qwix's weight-only mode emits (dequantize, then a float dot) are the slow path on
   XLA:CPU (jaxlib 0.10): a 4096x4096 int8 weight times 2 float32 rows takes 30-39 ms dequantized
   or as a mixed int8 x float dot (`preferred_element_type`), against 2.9 ms for the float32 weight
-  and 1.5 ms for int8 x int8 -> int32 (YNNPACK's kernel). int4 weights have no fast kernel at all
-  (37-50 ms, any orientation), and block-scaled int8 dots ran 6-31 ms (bench/quant_products.py).
+  and 1.5 ms for int8 x int8 -> int32 (a YNNPACK fusion, `__ynn_fusion` in the compiled HLO).
+  int4 weights have no fast kernel (37-50 ms in any orientation), and block-scaled int8 dots
+  ran 6-31 ms (bench/quant_products.py reproduces these).
 So the CPU decode layout holds int8 per-channel weights and quantizes the activations on the fly,
 in two int8 parts (`split_int8`) so that the activations lose nothing a float32 product would keep
 (about 15 bits); a weight stored in int4 or in blocks is re-quantized per channel for that layout.

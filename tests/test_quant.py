@@ -167,16 +167,27 @@ def test_gguf_quants_load_as_they_are_stored(gguf_model, tmp_path, qtype, bits):
     assert kept.generate(ids, max_new_tokens=8) == dequantized.generate(ids, max_new_tokens=8)
 
 
-def test_gguf_k_quants_are_requantized(gguf_model, tmp_path):
+def test_other_gguf_quants_are_requantized(gguf_model, tmp_path):
+    """Q4_1 / Q5_0 (like the K-quants, which the gguf package cannot write) go through float to int4 / int8."""
     contents = text_contents(gguf_model)
-    for name, w in list(contents.tensors.items()):  # Q6_K (256-blocks) where a row is long enough
-        if name.startswith("blk.0.") and w.ndim == 2 and w.shape[-1] % 256 == 0:
-            contents.tensors[name] = (gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q6_K),
-                                      gguf.GGMLQuantizationType.Q6_K)  # fmt: skip
-    # no tensor of the tiny model has 256-wide rows: the F32 ones stay float under "auto"
+    q41, q50 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q5_0
+    for name, w in list(contents.tensors.items()):
+        if w.ndim == 2 and name.startswith("blk."):
+            qtype = q50 if "ffn_down" in name else q41
+            contents.tensors[name] = (gguf.quants.quantize(w, qtype), qtype)
     model_path, mmproj_path = write_pair(str(tmp_path), contents, mmproj_contents(gguf_model))
+    dequantized = llava_jax.load(model_path, mmproj=mmproj_path, dtype="float32")
     auto = llava_jax.load(model_path, mmproj=mmproj_path, dtype="float32", quantize="auto")
-    assert "kernel" in auto._state["decoder"]["layers"]["attn"]["q_proj"]
+    layers = auto._state["decoder"]["layers"]
+    assert layers["attn"]["q_proj"]["qvalue"][...].dtype == jnp.int4  # Q4_1 -> int4 32-blocks
+    assert layers["mlp"]["down_proj"]["qvalue"][...].dtype == jnp.int8  # Q5_0 -> int8 per channel
+    assert "kernel" in auto._state["decoder"]["lm_head"]  # output.weight is F32 in this file: stays float
+    # re-quantized within one int4 step (half a block scale) of the file's own values
+    q_proj = layers["attn"]["q_proj"]
+    rebuilt = np.asarray(quant.dequantize(q_proj["qvalue"][...], q_proj["scale"][...], jnp.float32))
+    want = np.asarray(dequantized._state["decoder"]["layers"]["attn"]["q_proj"]["kernel"][...])
+    step = np.repeat(np.asarray(q_proj["scale"][...]), 32, axis=1)
+    assert np.all(np.abs(rebuilt - want) <= step / 2 * (1 + 1e-5))
     assert quant.gguf_spec(["Q6_K", "Q4_K"], 4096) == quant.QuantSpec(8)
     assert quant.gguf_spec(["Q4_K", "Q4_K"], 4096) == quant.QuantSpec(4, 32)
     assert quant.gguf_spec(["Q4_0", "Q8_0"], 4096) == quant.QuantSpec(8)
