@@ -31,11 +31,24 @@ def prompt(llm, pipe, rng):
     return text, ids
 
 
-@pytest.mark.parametrize("outtype, atol", [("f32", 5e-3), ("q8_0", 5e-2)])
-def test_llama_cpp_gives_our_logits_and_greedy_tokens(source, tmp_path, outtype, atol):  # noqa: F811
+def llama_cpp_greedy(llm, ids, n):
+    generated = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        generated.append(int(token))
+        if len(generated) == n:
+            return generated
+
+
+def llama_cpp_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[: len(ids)], np.float32)
+
+
+def test_llama_cpp_gives_our_logits_and_greedy_tokens(source, tmp_path):  # noqa: F811
+    """float32 export: llama.cpp's logits within float tolerance of ours, the same greedy tokens."""
     directory, _, _ = source
-    summary = export_gguf(directory, str(tmp_path), outtype)
-    # ours: the exported file read back (q8_0: kept quantized; llama.cpp also quantizes activations to 8 bits)
+    summary = export_gguf(directory, str(tmp_path), "f32")
     pipe = llava_jax.load(summary["model"], mmproj=summary["mmproj"], dtype="float32")
     llm = llama(summary["model"])
     rng = np.random.default_rng(0)
@@ -43,21 +56,34 @@ def test_llama_cpp_gives_our_logits_and_greedy_tokens(source, tmp_path, outtype,
     for _ in range(3):
         text, ids = prompt(llm, pipe, rng)
         assert ids == pipe.tokenizer.encode(text), text  # the exported vocabulary tokenizes as ours
-        llm.reset()
-        llm.eval(ids)
-        theirs = np.asarray(llm.scores[: len(ids)], np.float32)
-        ours = pipe.logits(np.array([ids], np.int32))[0]
+        theirs, ours = llama_cpp_logits(llm, ids), pipe.logits(np.array([ids], np.int32))[0]
         worst = max(worst, float(np.abs(theirs - ours).max()))
-        np.testing.assert_allclose(theirs, ours, atol=atol)
+        np.testing.assert_allclose(theirs, ours, atol=5e-3)
         assert (theirs.argmax(-1) == ours.argmax(-1)).all()
-        llm.reset()
-        generated = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            generated.append(int(token))
-            if len(generated) == NEW:
-                break
-        assert generated == pipe.generate([ids], max_new_tokens=NEW, eos_ids=())[0]
-    print(f"llama.cpp {outtype}: max |logit difference| {worst:.2e}")
+        assert llama_cpp_greedy(llm, ids, NEW) == pipe.generate([ids], max_new_tokens=NEW, eos_ids=())[0]
+    print(f"llama.cpp f32: max |logit difference| {worst:.2e}")
+
+
+def test_llama_cpp_runs_our_q8_0_export_as_we_read_it(source, tmp_path):  # noqa: F811
+    """q8_0 export read back quantized (quantize="auto"): llama.cpp also rounds the activations to 8-bit
+    blocks, so logits agree to ~0.1 and argmax wherever the top-2 margin exceeds that."""
+    directory, _, _ = source
+    summary = export_gguf(directory, str(tmp_path), "q8_0")
+    pipe = llava_jax.load(summary["model"], mmproj=summary["mmproj"], dtype="float32", quantize="auto")
+    llm = llama(summary["model"])
+    rng = np.random.default_rng(0)
+    worst, decided = 0.0, 0
+    for _ in range(3):
+        text, ids = prompt(llm, pipe, rng)
+        theirs, ours = llama_cpp_logits(llm, ids), pipe.logits(np.array([ids], np.int32))[0]
+        worst = max(worst, float(np.abs(theirs - ours).max()))
+        np.testing.assert_allclose(theirs, ours, atol=0.2)
+        top2 = np.sort(ours, -1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 0.4
+        assert (theirs.argmax(-1) == ours.argmax(-1))[clear].all()
+        decided += clear.sum()
+    assert decided >= 10
+    print(f"llama.cpp q8_0: max |logit difference| {worst:.2e}")
 
 
 def test_llama_cpp_loads_the_exported_mmproj(source, tmp_path):  # noqa: F811
