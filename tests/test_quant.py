@@ -242,3 +242,19 @@ def test_memory_of_the_presets_from_abstract_shapes(name):
     assert int8 <= 0.55 * bf16
     assert int4 <= 0.30 * bf16
     assert total16 - bf16 == total8 - int8 == total4 - int4  # vision tower and projector unchanged
+
+
+def test_no_float_copy_of_a_quantized_kernel_stays_alive(tmp_path):
+    """Kernels are quantized as they are read: after loading, no float array of a decoder kernel's shape
+    exists anywhere in the process (this model's shapes are used by no other test)."""
+    import gc
+
+    text = dict(hidden_size=96, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4,
+                num_hidden_layers=2)  # fmt: skip
+    directory = R.save(R.build_llava(R.llava_hf_config(text=text), seed=5), str(tmp_path))
+    pipe = llava_jax.load(directory, dtype="float32", quantize="int4", generation_layout="scanned")
+    gc.collect()
+    kernel_shapes = {(2, 96, 96), (2, 96, 160), (2, 160, 96)}
+    live = [a for a in jax.live_arrays() if a.shape in kernel_shapes]
+    assert live and all(a.dtype == jnp.int4 for a in live), [(a.shape, a.dtype) for a in live]
+    assert pipe.generate([[1, 5, 7]], max_new_tokens=2)
