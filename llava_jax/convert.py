@@ -42,7 +42,8 @@ _QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4", "auto"],
 
 
 def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
-            vision_tower: str | None = None, mmproj: str | None = None, quantize: str | None = None) -> dict:  # fmt: skip
+            vision_tower: str | None = None, mmproj: str | None = None,
+            quantize: str | None = None) -> dict:  # fmt: skip
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("--out must differ from --src")
@@ -85,8 +86,9 @@ def export_gguf(src: str, out: str, outtype: str = "f16", dtype: str = "float32"
         else:
             processor = load_image_processor(side_directory(src, vision_tower), config)
             tokenizer_dir = src
+        name = os.path.basename(os.path.normpath(src))
         paths = gguf_export.export_gguf(out, nnx.state(model), config, tokenizer_dir, processor.image_mean,
-                                        processor.image_std, outtype, name=os.path.basename(os.path.normpath(src)))  # fmt: skip
+                                        processor.image_std, outtype, name=name)  # fmt: skip
     return {"src": src, "model": paths[0], "mmproj": paths[1], "outtype": outtype,
             "seconds": round(time.time() - start, 1)}  # fmt: skip
 

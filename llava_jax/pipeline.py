@@ -163,7 +163,8 @@ def load_gguf_side(path: str, mmproj: str | None, config: LlavaConfig):
 
 
 def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_tower: str | None = None,
-         generation_layout: str = "auto", mmproj: str | None = None, quantize: str | None = None) -> "Pipeline":  # fmt: skip
+         generation_layout: str = "auto", mmproj: str | None = None,
+         quantize: str | None = None) -> "Pipeline":  # fmt: skip
     """A Pipeline for a llava-hf, original LLaVA, llava_jax or GGUF model.
 
     dtype: parameters and activations ("float32" for exact parity, "bfloat16" for speed).

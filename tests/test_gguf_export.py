@@ -59,7 +59,8 @@ def test_export_reads_back_with_the_sources_logits(source, exported):
     np.testing.assert_allclose(ours.logits(image_ids, a["pixel_values"]), src.logits(**a), atol=2e-4, rtol=1e-4)
     for text in TEXTS:
         assert ours.tokenizer.encode(text) == src.tokenizer.encode(text), text
-    np.testing.assert_allclose(ours.image_processor.image_mean, src.image_processor.image_mean, rtol=1e-7)  # float32 in GGUF
+    # GGUF stores the mean as float32
+    np.testing.assert_allclose(ours.image_processor.image_mean, src.image_processor.image_mean, rtol=1e-7)
 
 
 def test_export_has_the_layout_of_llama_cpps_converters(source, exported):
@@ -127,8 +128,9 @@ def test_commands_export_and_run_quantized(source, tmp_path):
     env = {**os.environ, "PYTHONPATH": root}
     directory, _, _ = source
     out = str(tmp_path / "pair")
-    convert = subprocess.run([sys.executable, "-m", "llava_jax.convert", "--src", directory, "--out", out, "--to", "gguf",
-                              "--outtype", "q8_0"], capture_output=True, text=True, cwd=root, env=env, timeout=300)  # fmt: skip
+    command = [sys.executable, "-m", "llava_jax.convert", "--src", directory, "--out", out, "--to", "gguf",
+               "--outtype", "q8_0"]  # fmt: skip
+    convert = subprocess.run(command, capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert convert.returncode == 0, convert.stderr
     summary = json.loads(convert.stdout.strip().splitlines()[-1])
     assert os.path.basename(summary["model"]) == "model-q8_0.gguf"
@@ -142,6 +144,6 @@ def test_commands_export_and_run_quantized(source, tmp_path):
     pipe = llava_jax.load(out, dtype="float32", quantize="auto")
     assert json.loads(infer.stdout.strip().splitlines()[-1])["answer"] == pipe.chat(
         "What is it?", [str(picture)], max_new_tokens=4, temperature=0)
-    bad = subprocess.run([sys.executable, os.path.join(root, "infer.py"), "--model", out, "--prompt", "hi",
-                          "--quantize", "int3"], capture_output=True, text=True, cwd=root, env=env, timeout=300)  # fmt: skip
+    command = [sys.executable, os.path.join(root, "infer.py"), "--model", out, "--prompt", "hi", "--quantize", "int3"]
+    bad = subprocess.run(command, capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert bad.returncode != 0 and "int8" in bad.stderr

@@ -3,7 +3,8 @@ text-only logits (float tolerance) and our greedy tokens; it loads the exported 
 
 Slow and optional: needs llama-cpp-python, which builds llama.cpp from source (about 27 minutes on 2
 cores; FACTS.md):
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" pip install llama-cpp-python==0.3.36
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+        pip install llama-cpp-python==0.3.36
     python -m pytest -m slow tests/test_llama_cpp.py
 """
 

@@ -1,7 +1,6 @@
 """Weight-only int8/int4 (llava_jax.quant): formats, quality against float32, GGUF quants kept as they
 are, stored quantized models, sharding, and the memory of the 7B/13B presets (abstract shapes)."""
 
-import os
 
 import gguf
 import jax

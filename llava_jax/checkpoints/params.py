@@ -108,7 +108,8 @@ def _read_one(source: TensorSource, key: str, rule: Rule, shape: tuple[int, ...]
 
 
 def read_params(rules: Iterable[Rule], abstract: nnx.State, source: TensorSource, *, dtype=None, shardings=None,
-                ignore: Iterable[str] = (), progress: bool = False, quantize: dict | None = None) -> nnx.State:  # fmt: skip
+                ignore: Iterable[str] = (), progress: bool = False,
+                quantize: dict | None = None) -> nnx.State:  # fmt: skip
     """Fills an abstract state (from `nnx.eval_shape` + `nnx.split`) with the checkpoint's tensors.
 
     dtype: the parameter dtype (default: each abstract variable's). shardings: a state of
