@@ -31,6 +31,7 @@ module_path="decoder/.*", weight_qtype=int8)]), input_ids)` on the tiny test mod
 So the CPU decode layout holds int8 per-channel weights and quantizes the activations on the fly,
 in two int8 parts (`split_int8`) so that the activations lose nothing a float32 product would keep
 (about 15 bits); a weight stored in int4 or in blocks is re-quantized per channel for that layout.
+Prefill (many rows, compute-bound) dequantizes each weight once instead.
 """
 
 from __future__ import annotations

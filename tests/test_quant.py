@@ -1,7 +1,6 @@
 """Weight-only int8/int4 (llava_jax.quant): formats, quality against float32, GGUF quants kept as they
 are, stored quantized models, sharding, and the memory of the 7B/13B presets (abstract shapes)."""
 
-
 import gguf
 import jax
 import jax.numpy as jnp
@@ -136,6 +135,11 @@ def test_vision_tower_projector_and_embeddings_stay_float(tiny):
     for part in ("vision", "projector"):
         assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state[part]))
     assert state["decoder"]["layers"]["attn"]["q_proj"]["scale"][...].dtype == jnp.bfloat16
+    # bfloat16 activations through the int8 decode products (the "copy" layout on CPU)
+    ids = [[1, 5, 9, 13, 17]]
+    float_tokens = llava_jax.load(tiny, dtype="bfloat16").generate(ids, max_new_tokens=4, eos_ids=())
+    assert len(pipe.generate(ids, max_new_tokens=4, eos_ids=())[0]) == 4
+    assert pipe.generate(ids, max_new_tokens=1, eos_ids=()) == [float_tokens[0][:1]]
 
 
 # -- GGUF quants ------------------------------------------------------------------------------------------

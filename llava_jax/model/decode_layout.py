@@ -15,6 +15,9 @@ was measured on XLA:CPU (bench/decode.py), where the defaults move two to three 
 - RoPE cos/sin come from a table: computed in the graph, XLA fuses them into their consumers and
   evaluates them for every element of q and k.
 - A long prompt attends block-causally (`attention`), skipping 3/8 of its scores.
+- Quantized kernels (llava_jax.quant) become `quant.Int8Weight`s, int8 per output channel: decoding
+  runs int8 x int8 products (`quant.int8_product`), the one fast quantized product on XLA:CPU;
+  prefill dequantizes each weight once and runs the float product.
 """
 
 from __future__ import annotations
@@ -118,7 +121,11 @@ def product(w: jax.Array, x: jax.Array, *, pad_columns: bool = False) -> jax.Arr
     """
     n = x.shape[0]
     if isinstance(w, quant.Int8Weight):
-        return quant.int8_product(w.q, w.scale, x, few_rows=DECODE_ROWS)
+        if n <= DECODE_ROWS:
+            return quant.int8_product(w.q, w.scale, x, few_rows=DECODE_ROWS)
+        # Prefill is compute-bound: the weight dequantized once beats twice the rows in int8.
+        w = w.q.astype(x.dtype) * w.scale[:, None].astype(x.dtype)
+        return jnp.einsum("nd,fd->nf", x, w, preferred_element_type=jnp.float32)
     x = x.astype(w.dtype)
     if n > DECODE_ROWS:
         return jnp.einsum("nd,fd->nf", x, w, preferred_element_type=jnp.float32)
