@@ -35,6 +35,8 @@ flags.DEFINE_float("top_p", 1.0, "sample from the smallest set of tokens whose p
 flags.DEFINE_integer("max_new_tokens", 512, "most tokens per answer")
 flags.DEFINE_integer("seed", 0, "sampling seed (the same seed gives the same answer)")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "parameters and activations")
+flags.DEFINE_enum("quantize", None, ["int8", "int4", "auto"], "weight-only quantization of the decoder's linear "
+                  "layers (llava_jax.quant); 'auto' keeps a GGUF file's Q8_0/Q4_0 tensors as they are")  # fmt: skip
 
 def answer(session, prompt: str, sampling: dict, out=sys.stdout) -> dict:
     """Streams one reply to `out`; returns its summary."""
@@ -57,7 +59,7 @@ def main(argv):
     from llava_jax.data.image import load_image
 
     images = [load_image(path) for path in FLAGS.image]  # fail on a bad image before loading the model
-    pipe = llava_jax.load(FLAGS.model, dtype=FLAGS.dtype, mmproj=FLAGS.mmproj)
+    pipe = llava_jax.load(FLAGS.model, dtype=FLAGS.dtype, mmproj=FLAGS.mmproj, quantize=FLAGS.quantize)
     session = ChatSession(pipe, images, None if FLAGS.template == "auto" else FLAGS.template)
     if FLAGS.prompt is not None:
         summary = answer(session, FLAGS.prompt, sampling)

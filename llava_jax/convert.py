@@ -6,6 +6,8 @@
     python -m llava_jax.convert --src MODEL_OR_RUN --out DIR --to hf      # a llava-hf directory
     python -m llava_jax.convert --src LORA_RUN --out DIR --to peft        # its adapters, as peft saves them
     python -m llava_jax.convert --src LORA_RUN --out BASE --to hf --lora base   # the base they apply to
+    python -m llava_jax.convert --src llava-1.5-7b-hf --out llava15-7b-int8 --quantize int8
+    python -m llava_jax.convert --src llava15-7b-jax --out gguf-dir --to gguf --outtype q8_0
 
 --to llava_jax (the default): orbax parameters + config + tokenizer. --to hf: what transformers'
 `AutoModelForImageTextToText` / `AutoProcessor` load (LoRA adapters merged in, or left out with
@@ -29,6 +31,7 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
+from llava_jax import quant
 from llava_jax.atomic import check_new_dir
 from llava_jax.chat import checkpoint_template
 from llava_jax.checkpoints import orbax
@@ -43,18 +46,25 @@ _MMPROJ = flags.DEFINE_string("mmproj", None, "GGUF only: the multimodal project
 _OUT = flags.DEFINE_string("out", None, "Output directory: new or empty; written aside (OUT.partial) and renamed "
                            "into place when complete.")  # fmt: skip
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
-_TO = flags.DEFINE_enum("to", "llava_jax", ["llava_jax", "hf", "peft"], "Output format: a llava_jax model "
-                        "directory, a llava-hf (transformers) directory, or peft LoRA adapters.")  # fmt: skip
+_TO = flags.DEFINE_enum("to", "llava_jax", ["llava_jax", "hf", "peft", "gguf"], "Output format: a llava_jax model "
+                        "directory, a llava-hf (transformers) directory, peft LoRA adapters, or the GGUF pair "
+                        "llama.cpp reads (DIR/model-OUTTYPE.gguf + DIR/mmproj-model-f16.gguf).")  # fmt: skip
 _MAX_SHARD = flags.DEFINE_integer("max_shard_bytes", None, "--to hf: largest safetensors shard (default 50 GB, "
                                   "as transformers).")  # fmt: skip
 _LORA = flags.DEFINE_enum("lora", None, ["merge", "base"], "--to hf from a LoRA run: merge the adapters into "
                           "the weights (default), or leave them out (the base that --to peft's adapters apply to).")
 _BASE_MODEL = flags.DEFINE_string("base_model", None, "--to peft: base_model_name_or_path recorded in "
                                   "adapter_config.json (e.g. the --to hf export of the same run).")  # fmt: skip
+_OUTTYPE = flags.DEFINE_enum("outtype", None, ["f32", "f16", "q8_0"], "--to gguf: the language model's weight type "
+                             "(default f16).")  # fmt: skip
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4", "auto"],
+                              "--to llava_jax: store the decoder's linear layers quantized (llava_jax.quant); 'auto' "
+                              "keeps a GGUF file's Q8_0/Q4_0 tensors as they are.")  # fmt: skip
 
 
 def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
-            vision_tower: str | None = None, mmproj: str | None = None) -> dict:  # fmt: skip
+            vision_tower: str | None = None, mmproj: str | None = None,
+            quantize: str | None = None) -> dict:  # fmt: skip
     start = time.time()
     if os.path.abspath(src) == os.path.abspath(out):
         raise ConfigError("--out must differ from --src")
@@ -62,7 +72,8 @@ def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
     kind = checkpoint_kind(src)
     if kind == "llava_jax":
         raise ConfigError(f"--src {src} is already a llava_jax model directory; load it directly")
-    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj)
+    model, config = load_model(src, dtype=dtype, progress=progress, vision_tower=vision_tower, mmproj=mmproj,
+                               quantize=quantize)  # fmt: skip
     state = nnx.state(model)
     preprocessor = os.path.join(side_directory(src, vision_tower), "preprocessor_config.json")
 
@@ -75,7 +86,35 @@ def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
     orbax.save_model_dir(out, state, config, copy_from=None if kind == "gguf" else src,
                          template=checkpoint_template(src, config), extra_files=side_files)  # fmt: skip
     n_params = sum(x.size for x in jax.tree.leaves(state))
-    return {"src": src, "out": out, "dtype": dtype, "parameters": int(n_params), "seconds": round(time.time() - start, 1)}
+    return {"src": src, "out": out, "dtype": dtype, "quantize": quantize, "parameters": int(n_params),
+            "bytes": quant.parameter_bytes(state), "seconds": round(time.time() - start, 1)}  # fmt: skip
+
+
+def export_gguf(src: str, out: str, dtype: str = "float32", outtype: str = "f16", vision_tower: str | None = None,
+                mmproj: str | None = None) -> dict:  # fmt: skip
+    """Any checkpoint `load_model` reads -> the GGUF pair llama.cpp reads (checkpoints/gguf_export.py)."""
+    import tempfile
+
+    from llava_jax.checkpoints import gguf_export
+    from llava_jax.pipeline import load_gguf_side, load_image_processor
+
+    start = time.time()
+    kind = checkpoint_kind(src)
+    model, config = load_model(src, dtype=dtype, vision_tower=vision_tower, mmproj=mmproj)
+    gguf_export.check_exportable(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        if kind == "gguf":
+            _, processor = load_gguf_side(src, mmproj, config)
+            write_gguf_side_files(src, mmproj, scratch)
+            tokenizer_dir = scratch
+        else:
+            processor = load_image_processor(side_directory(src, vision_tower), config)
+            tokenizer_dir = src
+        name = os.path.basename(os.path.normpath(src))
+        paths = gguf_export.export_gguf(out, nnx.state(model), config, tokenizer_dir, processor.image_mean,
+                                        processor.image_std, outtype, name=name)  # fmt: skip
+    return {"src": src, "model": paths[0], "mmproj": paths[1], "outtype": outtype,
+            "seconds": round(time.time() - start, 1)}  # fmt: skip
 
 
 def write_gguf_side_files(src: str, mmproj: str | None, out: str) -> None:
@@ -164,9 +203,9 @@ def to_peft(src: str, out: str, dtype: str = "float32", base_model: str | None =
 
 
 # --to value -> function(src, out, dtype, **options); options are the flags below that it takes.
-EXPORTERS = {"llava_jax": convert, "hf": to_hf, "peft": to_peft}
+EXPORTERS = {"llava_jax": convert, "hf": to_hf, "peft": to_peft, "gguf": export_gguf}
 OPTION_FLAGS = {"vision_tower": _VISION_TOWER, "mmproj": _MMPROJ, "max_shard_bytes": _MAX_SHARD, "lora": _LORA,
-                "base_model": _BASE_MODEL}  # fmt: skip
+                "base_model": _BASE_MODEL, "outtype": _OUTTYPE, "quantize": _QUANTIZE}  # fmt: skip
 
 
 def main(argv):
@@ -180,7 +219,8 @@ def main(argv):
         if name not in inspect.signature(export).parameters:
             raise app.UsageError(f"--{name} does not apply to --to {_TO.value}")
     try:
-        summary = export(_SRC.value, _OUT.value, _DTYPE.value, **options)
+        dtype = _DTYPE.value if _DTYPE.present or _TO.value != "gguf" else "float32"  # GGUF: f32 unless asked
+        summary = export(_SRC.value, _OUT.value, dtype, **options)
     except (UserError, FileNotFoundError, FileExistsError) as e:
         print(one_line(e), file=sys.stderr)
         sys.exit(2)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from llava_jax import quant
 from llava_jax import sharding as shd
 from llava_jax.checkpoints import gguf, hf, orbax, original
 from llava_jax.checkpoints.params import read_params
@@ -33,9 +34,14 @@ from llava_jax.train import run_dir
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
-def abstract_model(config: LlavaConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's structure and parameter shapes, without allocating parameters."""
-    return nnx.split(nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(0))))
+def abstract_model(config: LlavaConfig, quantization: dict | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's structure and parameter shapes, without allocating parameters; quantization:
+    {kernel path: QuantSpec} (llava_jax.quant) turns those linears into QuantizedLinear."""
+    def build():
+        model = LlavaModel(config, rngs=nnx.Rngs(0))
+        return quant.quantize_model(model, quant.plan_function(quantization)) if quantization else model
+
+    return nnx.split(nnx.eval_shape(build))
 
 
 def checkpoint_kind(path: str) -> str:
@@ -67,19 +73,26 @@ def checkpoint_kind(path: str) -> str:
 
 
 def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, progress: bool = False,
-               vision_tower: str | None = None, mmproj: str | None = None):  # fmt: skip
+               vision_tower: str | None = None, mmproj: str | None = None, quantize: str | None = None):  # fmt: skip
     """Reads a checkpoint into a LlavaModel. Returns (model, config).
 
     vision_tower: the CLIP directory of an original LLaVA checkpoint (default: its mm_vision_tower).
     mmproj: the projector file of a GGUF language model (llama.cpp's mmproj-*.gguf).
+    quantize: None, "int8", "int4" or "auto" (llava_jax.quant): the decoder's linear layers are
+    quantized as each tensor is read (no float copy of them is kept); "auto" keeps a GGUF file's
+    Q8_0 / Q4_0 tensors as they are and re-quantizes its other quants (float checkpoints stay float).
+    A model directory stored quantized (`convert --quantize`) loads quantized whatever is asked.
     """
     kind = checkpoint_kind(path)
     if vision_tower is not None and kind != "original":
         raise ConfigError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
     if mmproj is not None and kind != "gguf":
         raise ConfigError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
+    if quantize is not None and quantize != "auto":
+        quant.spec_for(quantize, 0)  # validates the mode
     if kind == "run":
-        return load_run_model(path, dtype, mesh)
+        model, config = load_run_model(path, dtype, mesh)
+        return (model if quantize in (None, "auto") else quant.quantize_model(model, quantize)), config
     try:
         if kind == "llava_jax":
             config = orbax.read_config(path)
@@ -95,19 +108,36 @@ def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, pro
                               "the checkpoint is damaged or of an unsupported kind") from e  # fmt: skip
     config = config.replace(param_dtype=dtype, dtype=dtype)
     graphdef, abstract = abstract_model(config)
-    shardings = shd.state_shardings(abstract, mesh) if mesh is not None else None
     if kind == "llava_jax":
-        state = orbax.restore_params(path, abstract, shardings, dtype)
-    elif kind == "hf":
-        state = read_params(hf.hf_rules(config), abstract, hf.HFTensors(path), dtype=dtype, shardings=shardings,
-                            ignore=hf.hf_ignored(config), progress=progress)  # fmt: skip
+        stored = quant.plan_from_json(orbax.read_quantization(path))
+        if stored or quantize is None:
+            return _restore(path, config, dtype, mesh, stored), config
+        model = _restore(path, config, dtype, mesh, {})
+        return quant.quantize_model(model, quantize if quantize != "auto" else (lambda *_: None)), config
+    if kind == "hf":
+        rules, source, ignore = hf.hf_rules(config), hf.HFTensors(path), hf.hf_ignored(config)
     elif kind == "gguf":
-        state = read_params(gguf.gguf_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
-                            ignore=gguf.gguf_ignored(config), progress=progress)  # fmt: skip
+        rules, source, ignore = gguf.gguf_rules(config), tensors, gguf.gguf_ignored(config)
     else:
-        state = read_params(original.original_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
-                            ignore=original.original_ignored(config), progress=progress)  # fmt: skip
-    return nnx.merge(graphdef, state), config
+        rules, source, ignore = original.original_rules(config), tensors, original.original_ignored(config)
+    plan = {}
+    if quantize is not None:
+        by_path = {r.path: r for r in rules}
+        file_types = None
+        if kind == "gguf":
+            file_types = lambda p: [source.quant_type(k) for k in by_path[p].keys(config.text.num_layers)]
+        plan = quant.load_plan(quantize, quant.kernel_paths(nnx.merge(graphdef, abstract)), file_types)
+    target_graphdef, target = abstract_model(config, plan)
+    shardings = shd.state_shardings(target, mesh) if mesh is not None else None
+    state = read_params(rules, abstract, source, dtype=dtype, shardings=shardings, ignore=ignore, progress=progress,
+                        quantize=plan)  # fmt: skip
+    return nnx.merge(target_graphdef, state), config
+
+
+def _restore(path: str, config: LlavaConfig, dtype: str, mesh: Mesh | None, plan: dict) -> LlavaModel:
+    graphdef, abstract = abstract_model(config, plan)
+    shardings = shd.state_shardings(abstract, mesh) if mesh is not None else None
+    return nnx.merge(graphdef, orbax.restore_params(path, abstract, shardings, dtype))
 
 
 def load_run_model(path: str, dtype: str, mesh: Mesh | None):
@@ -162,7 +192,8 @@ def load_gguf_side(path: str, mmproj: str | None, config: LlavaConfig):
 
 
 def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_tower: str | None = None,
-         generation_layout: str = "auto", mmproj: str | None = None) -> "Pipeline":  # fmt: skip
+         generation_layout: str = "auto", mmproj: str | None = None,
+         quantize: str | None = None) -> "Pipeline":  # fmt: skip
     """A Pipeline for a llava-hf, original LLaVA, llava_jax or GGUF model.
 
     dtype: parameters and activations ("float32" for exact parity, "bfloat16" for speed).
@@ -174,8 +205,10 @@ def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_to
     generation_layout: "copy" (a second, decode-friendly copy of the decoder's weights: fast on CPU),
     "scanned" (the model's own weights, no extra memory) or "auto" (copy on CPU where it fits in half
     the memory available, scanned elsewhere).
+    quantize: None, "int8", "int4" or "auto": weight-only quantization of the decoder's linear layers
+    (see `load_model` and llava_jax.quant).
     """
-    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower, mmproj=mmproj)
+    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower, mmproj=mmproj, quantize=quantize)
     if checkpoint_kind(path) == "gguf":
         tokenizer, image_processor = load_gguf_side(path, mmproj, config)
     else:

@@ -165,6 +165,17 @@ class GGUFPair:
         source, file_key = self._where[key]
         return source.shape(file_key)
 
+    def read_quantized(self, key: str, spec) -> tuple[np.ndarray, np.ndarray] | None:
+        """See GGUFFile.read_quantized."""
+        if key in self._synthetic:
+            return None
+        source, file_key = self._where[key]
+        return source.read_quantized(file_key, spec)
+
+    def quant_type(self, key: str) -> str:
+        source, file_key = self._where[key]
+        return source.quant_type(file_key)
+
     def read(self, key: str) -> np.ndarray:
         if key in self._synthetic:
             return self._synthetic[key]

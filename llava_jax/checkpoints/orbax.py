@@ -36,7 +36,8 @@ def is_model_dir(path: str) -> bool:
 
 
 def save_model_dir(directory: str, state: nnx.State, config: LlavaConfig, copy_from: str | None = None,
-                   template: str | None = None, extra_files: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                   template: str | None = None, extra_files: Callable[[str], None] | None = None,
+                   quantization: dict | None = None) -> None:  # fmt: skip
     """Writes parameters (as stored in `state`), config and side files. Refuses to overwrite.
 
     The directory is written aside (`<directory>.partial`) and renamed into place with its marker
@@ -44,6 +45,7 @@ def save_model_dir(directory: str, state: nnx.State, config: LlavaConfig, copy_f
     template: the conversation template chosen for the source checkpoint (its name is gone after
     conversion), recorded for `llava_jax.chat.checkpoint_template`.
     extra_files: called with the directory being written, before the marker, to add files of its own.
+    quantization: {kernel path: [bits, block or None]} of a quantized model (`quant.plan_to_json`).
     """
     primary = jax.process_index() == 0
     with atomic_dir(directory, marker=MARKER, commit=primary) as tmp:
@@ -61,6 +63,8 @@ def save_model_dir(directory: str, state: nnx.State, config: LlavaConfig, copy_f
         meta = {"format": "llava_jax", "version": FORMAT_VERSION, "config": config.to_dict()}
         if template is not None:
             meta["template"] = template
+        if quantization:
+            meta["quantization"] = quantization
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(meta, f, indent=2)
 
@@ -87,6 +91,12 @@ def read_config(directory: str) -> LlavaConfig:
         raise CheckpointError(f"{path}: its config is invalid ({e}); convert the checkpoint again") from e
 
 
+def read_quantization(directory: str) -> dict:
+    """{kernel path: [bits, block]} of a model directory stored quantized ({} for a float one)."""
+    with open(os.path.join(directory, MARKER)) as f:
+        return json.load(f).get("quantization") or {}
+
+
 def restore_params(directory: str, abstract: nnx.State, shardings: nnx.State | None = None, dtype=None) -> nnx.State:
     """Restores the parameters into the structure of `abstract`, cast to `dtype`, laid out by `shardings`."""
     params_dir = os.path.join(os.path.abspath(directory), "params")
@@ -96,7 +106,9 @@ def restore_params(directory: str, abstract: nnx.State, shardings: nnx.State | N
     shard = nnx.to_pure_dict(shardings) if shardings is not None else jax.tree.map(lambda _: None, pure)
 
     def target(a, s):
-        return jax.ShapeDtypeStruct(a.shape, np.dtype(dtype or a.dtype), sharding=s or _default_sharding())
+        keep = jax.numpy.issubdtype(a.dtype, jax.numpy.integer)  # quantized values stay integers
+        return jax.ShapeDtypeStruct(a.shape, a.dtype if keep else np.dtype(dtype or a.dtype),
+                                    sharding=s or _default_sharding())  # fmt: skip
 
     with ocp.StandardCheckpointer() as checkpointer:
         try:
