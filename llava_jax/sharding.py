@@ -2,18 +2,32 @@
 
 Parameters carry logical `axes` metadata (see `llava_jax.model.layers.param`); activations are
 constrained with `constrain(x, axes)`, a no-op outside a mesh context (`jax.set_mesh`). Mesh axes are
-named from `data`, `fsdp`, `tensor`; a mesh may have any subset of them.
+named from `data`, `fsdp`, `tensor`; a mesh may have any subset of them, of any sizes.
+
+Any mesh, any axis types. The model is written in the compiler-propagated style (GSPMD): parameters
+and inputs are placed by the table below, a few activations are pinned with `constrain`, and XLA
+decides the rest (all-gathers for fsdp, reductions for tensor). `jax.make_mesh` builds meshes whose
+axes are Explicit by default; under Explicit axes every array's sharding is part of its type and each
+contraction over a sharded dimension must name its output sharding, which this model does not do.
+Rather than annotate every product, every mesh a user gives is used through `auto_view(mesh)`: the
+same devices and axis names with Auto axis types. Placing arrays on, and tracing under, that view
+gives one program for all three ways of building a mesh (`jax.make_mesh` Explicit or Auto,
+`make_mesh` below). Entry points that take a user's mesh (`llava_jax.load`, the trainer) call
+`auto_view` once; `use_mesh` is the context manager to run the model under.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llava_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -40,12 +54,32 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     devices = np.asarray(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
+        raise ConfigError("at most one mesh axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     sizes = [devices.size // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != devices.size:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not use exactly the {devices.size} devices")
-    return Mesh(devices.reshape(sizes), MESH_AXES)
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} does not use exactly the {devices.size} devices")
+    return Mesh(devices.reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def auto_view(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with every axis Auto (see the module docstring).
+
+    Raises ConfigError for an axis not named from MESH_AXES (it would be silently replicated)."""
+    unknown = [name for name in mesh.axis_names if name not in MESH_AXES]
+    if unknown:
+        raise ConfigError(
+            f"mesh axes {unknown} are not known; name the axes from {MESH_AXES}, e.g. "
+            "jax.make_mesh((1, 8, 1), ('data', 'fsdp', 'tensor'))"
+        )
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def use_mesh(mesh: Mesh | None):
+    """Context manager that runs the model on `mesh` (through its Auto view); no-op for None."""
+    return jax.set_mesh(auto_view(mesh)) if mesh is not None else contextlib.nullcontext()
 
 
 def logical_to_spec(axes: tuple[str | None, ...], mesh: Mesh | Any, shape: tuple[int, ...] | None = None) -> PartitionSpec:
@@ -75,7 +109,9 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedSharding for every variable of an (abstract) nnx state, from its `axes` metadata."""
+    """NamedSharding for every variable of an (abstract) nnx state, from its `axes` metadata, on the
+    Auto view of `mesh`."""
+    mesh = auto_view(mesh)
 
     def sharding(v):
         axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
