@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -118,3 +118,30 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         return NamedSharding(mesh, logical_to_spec(axes, mesh, v.shape))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.Module:
+    """`make_module()` (e.g. `lambda: LlavaModel(cfg, rngs=nnx.Rngs(0))`) with its parameters created
+    directly in their shards on `mesh`: the initialisers run inside one jitted program whose outputs are
+    laid out by `state_shardings`, so no parameter is ever whole on one device. The values equal an
+    unsharded `make_module()` (JAX's partitionable threefry draws the same numbers however the
+    array is split)."""
+    if mesh is None:
+        return make_module()
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
+    shardings = state_shardings(abstract, mesh)
+    with use_mesh(mesh):
+        state = jax.jit(lambda: nnx.state(make_module()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def bytes_per_device(abstract: nnx.State, mesh: Mesh) -> int:
+    """The largest number of bytes that the variables of `abstract` (shapes and dtypes only) place on
+    one device of `mesh` by `state_shardings`."""
+    shardings = state_shardings(abstract, mesh)
+    per_device = {d: 0 for d in mesh.devices.flat}
+    for var, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        for device, index in sharding.devices_indices_map(tuple(var.shape)).items():
+            n = math.prod(len(range(*s.indices(dim))) for s, dim in zip(index, var.shape))
+            per_device[device] += n * np.dtype(var.dtype).itemsize
+    return max(per_device.values())
