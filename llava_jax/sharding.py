@@ -145,3 +145,25 @@ def bytes_per_device(abstract: nnx.State, mesh: Mesh) -> int:
             n = math.prod(len(range(*s.indices(dim))) for s, dim in zip(index, var.shape))
             per_device[device] += n * np.dtype(var.dtype).itemsize
     return max(per_device.values())
+
+
+def optimizer_state_shardings(abstract_state, params, mesh: Mesh):
+    """Shardings of an optax state: every leaf that mirrors a parameter (Adam's moments, ...) laid out
+    as that parameter, the rest (counts, scalars) replicated. Left to itself, jit replicates freshly
+    created optimizer state on every device, which undoes fsdp for the largest part of a train state.
+
+    abstract_state: `jax.eval_shape(optimizer.init, params)`; params: the parameter tree whose leaves
+    carry `.sharding` (arrays, or ShapeDtypeStructs with shardings). A state leaf mirrors the parameter
+    whose key path ends its own key path, with the same shape (how optax nests moments: mu/<params>)."""
+    by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(auto_view(mesh), PartitionSpec())
+
+    def sharding(path, leaf):
+        path = tuple(path)
+        for start in range(len(path)):
+            param = by_path.get(path[start:])
+            if param is not None and tuple(param.shape) == tuple(leaf.shape):
+                return param.sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_state)
