@@ -73,6 +73,7 @@ class TextConfig:
 
 
 PROJECTOR_TYPES = ("linear", "identity", "mlpNx_gelu")
+ATTENTION = ("auto", "xla", "blockwise", "cudnn", "splash")
 _MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
 
 
@@ -114,6 +115,7 @@ class LlavaConfig:
     model_max_length: int | None = None  # longest prompt trained on (original: tokenizer_model_max_length)
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations; attention softmax and norms run in float32
+    attention: str = "auto"  # the attention kernel, one of ATTENTION (llava_jax.model.attention)
 
     def __post_init__(self):
         projector_depth(self.projector_type)
@@ -126,6 +128,8 @@ class LlavaConfig:
         for layer in self.feature_layers:
             if not -(n + 1) <= layer <= n:
                 raise ConfigError(f"vision_feature_layer {layer} is out of range for a {n}-layer vision tower")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.semantics not in ("hf", "original"):
             raise ConfigError(f"semantics must be 'hf' or 'original', got {self.semantics!r}")
         if self.patch_merge_type not in ("flat", "spatial", "spatial_unpad"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -197,7 +196,8 @@ def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_to
     """A Pipeline for a llava-hf, original LLaVA, llava_jax or GGUF model.
 
     dtype: parameters and activations ("float32" for exact parity, "bfloat16" for speed).
-    mesh: a jax Mesh with axes from (data, fsdp, tensor); parameters are laid out on it directly.
+    mesh: a jax Mesh with axes from (data, fsdp, tensor) of any sizes and axis types (`jax.make_mesh` or
+    `llava_jax.sharding.make_mesh`); parameters are laid out on it directly, never whole on one device.
     vision_tower: for an original LLaVA checkpoint, its CLIP directory (default: config.json's
     mm_vision_tower, a path absolute or relative to the checkpoint directory).
     mmproj: for a GGUF language model file (path), its multimodal projector file; a directory holding
@@ -225,7 +225,7 @@ class Pipeline:
                  directory: str | None = None, tokenizer=None, image_processor=None,
                  generation_layout: str = "auto"):  # fmt: skip
         self.config = config
-        self.mesh = mesh
+        self.mesh = shd.auto_view(mesh) if mesh is not None else None  # see llava_jax.sharding
         self.directory = directory
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -330,7 +330,7 @@ class Pipeline:
         return [features[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
     def _mesh_context(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        return shd.use_mesh(self.mesh)
 
     def _prepare_generation(self, input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens, temperature,
                             top_k, top_p, seed, stop, eos_ids):  # fmt: skip

@@ -4,7 +4,8 @@ A format (llava-hf, original LLaVA, GGUF) describes itself as a list of `Rule`s:
 for stacked layers, which key per layer) fills which parameter path, and how the file's array is
 turned into ours. `read_params` then checks the file against the rules (missing, unexpected and
 mis-shaped tensors are reported by name) and builds each parameter, cast to the target dtype and
-placed on its devices before the next one is read.
+placed on its devices before the next one is read. On a mesh a parameter is built shard by shard
+(`build_array`): never whole on one device, and on many hosts never whole on one host.
 """
 
 from __future__ import annotations
@@ -135,18 +136,17 @@ def read_params(rules: Iterable[Rule], abstract: nnx.State, source: TensorSource
             keys = rule.keys(shape[0]) if rule.stacked else [rule.key]
             q, scale = _read_quantized(source, keys, rule, shape, quantize[path], want, stacked=rule.stacked)
             bar.update(len(keys))
-            filled[base + ".qvalue"] = var.replace(place(q, target.get(base + ".qvalue")))
-            filled[base + ".scale"] = var.replace(place(scale, target.get(base + ".scale")))
+            for name, value in ((".qvalue", q), (".scale", scale)):  # whole on the host: quantized already
+                filled[base + name] = var.replace(build_array(value.shape, value.dtype, target.get(base + name),
+                                                              lambda _, value=value: value, stacked=False))
             continue
-        if rule.stacked:
-            value = np.empty(shape, want)
-            for i, key in enumerate(rule.keys(shape[0])):
-                value[i] = _read_one(source, key, rule, shape[1:], want)
-                bar.update()
-        else:
-            value = _read_one(source, rule.key, rule, shape, want)
+        keys = rule.keys(shape[0]) if rule.stacked else [rule.key]
+
+        def read(i, rule=rule, keys=keys, shape=shape, want=want):  # layer i, or the whole tensor for None
             bar.update()
-        filled[path] = var.replace(place(value, target.get(path)))
+            return _read_one(source, keys[i or 0], rule, shape[1:] if rule.stacked else shape, want)
+
+        filled[path] = var.replace(build_array(shape, want, target.get(path), read, stacked=rule.stacked))
     bar.close()
     return nnx.from_flat_state([(tuple(_key(p) for p in path.split(".")), v) for path, v in filled.items()])
 
@@ -177,16 +177,47 @@ def _key(part: str):
     return int(part) if part.isdigit() else part
 
 
-def place(value: Array, sharding) -> jax.Array:
-    """Host array -> device array, laid out by `sharding`; each process supplies only its own shards.
+def build_array(shape: tuple[int, ...], dtype, sharding, read: Callable[[int | None], Array], *,
+                stacked: bool) -> jax.Array:  # fmt: skip
+    """A device array of `shape` laid out by `sharding` (None: the default device), built from the file
+    one shard at a time: this process holds only its own devices' shards (each once, however many
+    devices replicate it) plus the one file tensor being read, and reads only the layers they cover.
 
-    Blocks until the copy is done, so that the host array can be freed before the next is read.
+    read(i) returns layer i of a stacked parameter ([L, ...] from one file tensor per layer), read(None)
+    the whole of an unstacked one. Blocks until the copy is done, so that the host buffers can be freed
+    before the next parameter is read.
     """
     if sharding is None:
-        array = jax.device_put(value)
-    else:
-        array = jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        value = np.empty(shape, dtype) if stacked else read(None)
+        if stacked:
+            for i in range(shape[0]):
+                value[i] = read(i)
+        return jax.device_put(value).block_until_ready()
+    shards = host_shards(shape, dtype, sharding.addressable_devices_indices_map(shape).values(), read, stacked=stacked)
+    array = jax.make_array_from_callback(shape, sharding, lambda index: shards[_bounds(index, shape)])
     return array.block_until_ready()
+
+
+def host_shards(shape: tuple[int, ...], dtype, indices, read: Callable[[int | None], Array], *,
+                stacked: bool) -> dict[tuple, Array]:  # fmt: skip
+    """{bounds: host array} for the distinct shard `indices` (tuples of slices into `shape`), filled from
+    `read` as in `build_array`; bounds are ((start, stop), ...) per dimension."""
+    bounds = {_bounds(index, shape) for index in indices}
+    shards = {b: np.empty(tuple(stop - start for start, stop in b), dtype) for b in bounds}
+    if not stacked:
+        value = read(None)
+        return {b: np.ascontiguousarray(value[tuple(slice(*d) for d in b)]) for b in bounds}
+    for i in sorted({i for b in bounds for i in range(*b[0])}):
+        layer = read(i)
+        for b, shard in shards.items():
+            if b[0][0] <= i < b[0][1]:
+                shard[i - b[0][0]] = layer[tuple(slice(*d) for d in b[1:])]
+    return shards
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
 def write_params(rules: Iterable[Rule], state: nnx.State, dtype=None) -> Iterable[tuple[str, Array]]:
