@@ -11,7 +11,7 @@ import transformers
 
 import llava_jax
 from llava_jax import convert
-from llava_jax.checkpoints import hf_export, hf_files
+from llava_jax.checkpoints import hf_files
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
 from llava_jax.errors import CheckpointError, ConfigError
