@@ -100,6 +100,8 @@ def test_int8_logits_and_greedy_tokens_follow_float32(tiny, float32, prompts, la
     generated = pipe.generate(prompts, max_new_tokens=16)
     # The first two prompts' continuations never come near a tie: the same 16 (or up to eos) tokens.
     assert generated[:2] == reference[:2]
+    if layout == "scanned":
+        return  # the rest reads logits, which both layouts compute with the model's own forward pass
     # Along each float32 continuation, int8 picks float32's token wherever float32's top-2 margin exceeds
     # twice int8's largest logit error there (the third prompt meets a near-tie, margin 0.026 < 0.04,
     # at its 6th token and then goes its own way).

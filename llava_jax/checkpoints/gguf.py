@@ -28,7 +28,8 @@ llama.cpp reads it, and so how it is read here:
   in a prompt is replaced by it whatever the tokenizer makes of the text.
 
 Tensors of any type the `gguf` package dequantizes (F16, BF16, Q8_0, Q4_K, ...) are read as float32
-and cast to the parameter dtype.
+and cast to the parameter dtype; with `load(..., quantize=...)` Q8_0 and Q4_0 tensors are read as their
+integers and scales instead (`read_quantized`, llava_jax.quant). Writing a pair: gguf_export.py.
 """
 
 from __future__ import annotations
