@@ -118,9 +118,11 @@ def main():
         if not args.skip_hf:
             hf, seconds = hf_answers(model, pipe, questions, args.max_new_tokens)
             results["hf_b1"] = {"questions_per_s": len(questions) / seconds, "answers": hf}
+            print(f"hf_b1: {len(questions) / seconds:.3f} questions/s", file=sys.stderr, flush=True)
         for b in (int(x) for x in args.batches.split(",")):
             answers, seconds = jax_answers(pipe, questions, os.path.join(root, f"a{b}.jsonl"), b, args.max_new_tokens)
             results[f"jax_b{b}"] = {"questions_per_s": len(questions) / seconds, "answers": answers}
+            print(f"jax_b{b}: {len(questions) / seconds:.3f} questions/s", file=sys.stderr, flush=True)
     base = results.get("hf_b1")
     one = results["jax_b1"]["answers"] if "jax_b1" in results else None
     print(f"{'side':<8} {'questions/s':>12} {'x transformers b1':>18} {'= transformers':>15} {'= jax b1':>9}")
