@@ -8,6 +8,7 @@ its last line. A mistake in the config or data is reported as one line, with exi
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -20,6 +21,16 @@ flags.DEFINE_string("workdir", None, "The run's directory: checkpoints, metrics,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def call_hook(config, field: str, workdir: str):
+    """config.<field>, a "module:function" name, called as function(config, workdir); None where unset.
+    configs/demo.py uses `prepare` (write its data before training) and `evaluate` (score it after)."""
+    name = config.get(field, "")
+    if not name:
+        return None
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)(config, workdir)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -29,7 +40,12 @@ def main(argv):
     from llava_jax.train.loop import NonFiniteLoss, Preempted, train
 
     try:
-        summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+        config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+        call_hook(config, "prepare", workdir)
+        summary = train(config, workdir)
+        evaluation = call_hook(config, "evaluate", workdir)
+        if evaluation is not None:
+            summary["evaluation"] = evaluation
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,11 @@ there. Stage 1 ("pretrain", plain template) trains every parameter on captions; 
 mistral_instruct, no system prompt to keep examples short) on one-word answers about colour, shape,
 count and position. Afterwards `llava_jax.demo.evaluate` asks the held-out questions with the real image
 and with a blank one; the summary's "evaluation" holds the accuracies.
+
+Measured (2026-12-01, this config, the machine at load 13-18 on 2 cores): 2552 s of training (about 13
+CPU-minutes), held-out accuracy 0.45 with the images and 0.285 with blank ones; count 1.00, colour
+0.42, shape 0.40, position 0.32. Stage 1 learnt the captions (loss 0.002); the content-keyed questions
+of stage 2 ("What color is the circle?") stayed near chance. The 90% target is not met yet.
 """
 
 import ml_collections
