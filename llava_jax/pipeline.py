@@ -13,39 +13,51 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from llava_jax import quant
 from llava_jax import sharding as shd
 from llava_jax.checkpoints import gguf, hf, orbax, original
 from llava_jax.checkpoints.params import read_params
-from llava_jax.checkpoints.safetensors_io import CheckpointError
+from llava_jax.atomic import leftover_hint
+from llava_jax.errors import CheckpointError, ConfigError, MissingInputError
 from llava_jax.chat import ChatSession
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
-from llava_jax.data.prepare import prepare_inputs
+from llava_jax.data.prepare import PromptTooLong, prepare_inputs
 from llava_jax.feature_cache import ImageFeatureCache
 from llava_jax.generate import Generator, prompt_rows
 from llava_jax.model import anyres, anyres_merge
 from llava_jax.model.llava import LlavaModel, check_image_tokens
 from llava_jax.samplers import make_sampler
+from llava_jax.train import run_dir
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
-def abstract_model(config: LlavaConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's structure and parameter shapes, without allocating parameters."""
-    return nnx.split(nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(0))))
+def abstract_model(config: LlavaConfig, quantization: dict | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's structure and parameter shapes, without allocating parameters; quantization:
+    {kernel path: QuantSpec} (llava_jax.quant) turns those linears into QuantizedLinear."""
+    def build():
+        model = LlavaModel(config, rngs=nnx.Rngs(0))
+        return quant.quantize_model(model, quant.plan_function(quantization)) if quantization else model
+
+    return nnx.split(nnx.eval_shape(build))
 
 
 def checkpoint_kind(path: str) -> str:
-    """'llava_jax' (our model directory), 'hf' (llava-hf), 'original' (haotian-liu/LLaVA) or 'gguf'
-    (llama.cpp: a .gguf file, or a directory holding the model and its mmproj .gguf)."""
+    """'llava_jax' (our model directory), 'run' (a training run's workdir), 'hf' (llava-hf), 'original'
+    (haotian-liu/LLaVA) or 'gguf' (llama.cpp: a .gguf file, or a directory holding the model and its mmproj .gguf)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingInputError(f"no checkpoint at {path}{leftover_hint(path)}")
+    if run_dir.is_run_dir(path):
+        return "run"
     if os.path.isdir(path) and orbax.is_model_dir(path):
         return "llava_jax"
+    if orbax.incomplete_model_dir(path):
+        raise CheckpointError(f"{path} holds parameters but no {orbax.MARKER}: an interrupted write left it; "
+                              "delete it and convert (or save) again")  # fmt: skip
     config_path = os.path.join(path, "config.json")
     if os.path.isdir(path) and os.path.isfile(config_path):
-        with open(config_path) as f:
-            cfg = json.load(f)
+        cfg = original.read_json(config_path)
         if original.is_original_config(cfg):  # before model_type: original 1.5 configs say "llava" too
             return "original"
         if cfg.get("model_type") in ("llava", "llava_next"):
@@ -60,46 +72,92 @@ def checkpoint_kind(path: str) -> str:
 
 
 def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, progress: bool = False,
-               vision_tower: str | None = None, mmproj: str | None = None):  # fmt: skip
+               vision_tower: str | None = None, mmproj: str | None = None, quantize: str | None = None):  # fmt: skip
     """Reads a checkpoint into a LlavaModel. Returns (model, config).
 
     vision_tower: the CLIP directory of an original LLaVA checkpoint (default: its mm_vision_tower).
     mmproj: the projector file of a GGUF language model (llama.cpp's mmproj-*.gguf).
+    quantize: None, "int8", "int4" or "auto" (llava_jax.quant): the decoder's linear layers are
+    quantized as each tensor is read (no float copy of them is kept); "auto" keeps a GGUF file's
+    Q8_0 / Q4_0 tensors as they are and re-quantizes its other quants (float checkpoints stay float).
+    A model directory stored quantized (`convert --quantize`) loads quantized whatever is asked.
     """
     kind = checkpoint_kind(path)
     if vision_tower is not None and kind != "original":
-        raise ValueError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
+        raise ConfigError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
     if mmproj is not None and kind != "gguf":
-        raise ValueError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
-    if kind == "llava_jax":
-        config = orbax.read_config(path)
-    elif kind == "hf":
-        config = LlavaConfig.from_hf(path)
-    elif kind == "gguf":
-        config, tensors = gguf.load_gguf(path, mmproj)
-    else:
-        config, tensors, _ = original.load_original(path, vision_tower)
+        raise ConfigError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
+    if quantize is not None and quantize != "auto":
+        quant.spec_for(quantize, 0)  # validates the mode
+    if kind == "run":
+        model, config = load_run_model(path, dtype, mesh)
+        return (model if quantize in (None, "auto") else quant.quantize_model(model, quantize)), config
+    try:
+        if kind == "llava_jax":
+            config = orbax.read_config(path)
+        elif kind == "hf":
+            config = LlavaConfig.from_hf(path)
+        elif kind == "gguf":
+            config, tensors = gguf.load_gguf(path, mmproj)
+        else:
+            config, tensors, _ = original.load_original(path, vision_tower)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong type
+        where = path if kind == "gguf" else os.path.join(path, orbax.MARKER if kind == "llava_jax" else "config.json")
+        raise CheckpointError(f"{where}: a configuration field is missing or malformed ({type(e).__name__}: {e}); "
+                              "the checkpoint is damaged or of an unsupported kind") from e  # fmt: skip
     config = config.replace(param_dtype=dtype, dtype=dtype)
     graphdef, abstract = abstract_model(config)
-    shardings = shd.state_shardings(abstract, mesh) if mesh is not None else None
     if kind == "llava_jax":
-        state = orbax.restore_params(path, abstract, shardings, dtype)
-    elif kind == "hf":
-        state = read_params(hf.hf_rules(config), abstract, hf.HFTensors(path), dtype=dtype, shardings=shardings,
-                            ignore=hf.hf_ignored(config), progress=progress)  # fmt: skip
+        stored = quant.plan_from_json(orbax.read_quantization(path))
+        if stored or quantize is None:
+            return _restore(path, config, dtype, mesh, stored), config
+        model = _restore(path, config, dtype, mesh, {})
+        return quant.quantize_model(model, quantize if quantize != "auto" else (lambda *_: None)), config
+    if kind == "hf":
+        rules, source, ignore = hf.hf_rules(config), hf.HFTensors(path), hf.hf_ignored(config)
     elif kind == "gguf":
-        state = read_params(gguf.gguf_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
-                            ignore=gguf.gguf_ignored(config), progress=progress)  # fmt: skip
+        rules, source, ignore = gguf.gguf_rules(config), tensors, gguf.gguf_ignored(config)
     else:
-        state = read_params(original.original_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
-                            ignore=original.original_ignored(config), progress=progress)  # fmt: skip
+        rules, source, ignore = original.original_rules(config), tensors, original.original_ignored(config)
+    plan = {}
+    if quantize is not None:
+        by_path = {r.path: r for r in rules}
+        file_types = None
+        if kind == "gguf":
+            file_types = lambda p: [source.quant_type(k) for k in by_path[p].keys(config.text.num_layers)]
+        plan = quant.load_plan(quantize, quant.kernel_paths(nnx.merge(graphdef, abstract)), file_types)
+    target_graphdef, target = abstract_model(config, plan)
+    shardings = shd.state_shardings(target, mesh) if mesh is not None else None
+    state = read_params(rules, abstract, source, dtype=dtype, shardings=shardings, ignore=ignore, progress=progress,
+                        quantize=plan)  # fmt: skip
+    return nnx.merge(target_graphdef, state), config
+
+
+def _restore(path: str, config: LlavaConfig, dtype: str, mesh: Mesh | None, plan: dict) -> LlavaModel:
+    graphdef, abstract = abstract_model(config, plan)
+    shardings = shd.state_shardings(abstract, mesh) if mesh is not None else None
+    return nnx.merge(graphdef, orbax.restore_params(path, abstract, shardings, dtype))
+
+
+def load_run_model(path: str, dtype: str, mesh: Mesh | None):
+    """The latest checkpoint of a training run (LoRA adapters merged). Returns (model, config)."""
+    run = run_dir.read_run(path, dtype)
+    config = run.config.replace(param_dtype=dtype, dtype=dtype)
+    graphdef, abstract = abstract_model(config)
+    state = jax.tree.map(lambda v: v, abstract)
+    nnx.replace_by_pure_dict(state, run_dir.merged_params(run))
+    if mesh is not None:
+        state = jax.device_put(state, shd.state_shardings(abstract, mesh))
     return nnx.merge(graphdef, state), config
 
 
 def side_directory(path: str, vision_tower: str | None = None) -> str:
-    """Where the preprocessor_config.json of a checkpoint lives: the checkpoint itself, or for an original
-    LLaVA checkpoint its CLIP directory."""
-    if checkpoint_kind(path) != "original":
+    """Where the tokenizer and preprocessor_config.json of a checkpoint live: the checkpoint itself, a
+    training run's stage directory, or for an original LLaVA checkpoint its CLIP directory."""
+    kind = checkpoint_kind(path)
+    if kind == "run":
+        return run_dir.latest_stage(path).side_dir
+    if kind != "original":
         return path
     cfg = original.read_json(os.path.join(path, "config.json"))
     return original.find_vision_tower(path, cfg, vision_tower)
@@ -133,7 +191,8 @@ def load_gguf_side(path: str, mmproj: str | None, config: LlavaConfig):
 
 
 def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_tower: str | None = None,
-         generation_layout: str = "auto", mmproj: str | None = None) -> "Pipeline":  # fmt: skip
+         generation_layout: str = "auto", mmproj: str | None = None,
+         quantize: str | None = None) -> "Pipeline":  # fmt: skip
     """A Pipeline for a llava-hf, original LLaVA, llava_jax or GGUF model.
 
     dtype: parameters and activations ("float32" for exact parity, "bfloat16" for speed).
@@ -146,12 +205,14 @@ def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_to
     generation_layout: "copy" (a second, decode-friendly copy of the decoder's weights: fast on CPU),
     "scanned" (the model's own weights, no extra memory) or "auto" (copy on CPU where it fits in half
     the memory available, scanned elsewhere).
+    quantize: None, "int8", "int4" or "auto": weight-only quantization of the decoder's linear layers
+    (see `load_model` and llava_jax.quant).
     """
-    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower, mmproj=mmproj)
+    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower, mmproj=mmproj, quantize=quantize)
     if checkpoint_kind(path) == "gguf":
         tokenizer, image_processor = load_gguf_side(path, mmproj, config)
     else:
-        tokenizer = load_tokenizer_if_present(path)
+        tokenizer = load_tokenizer_if_present(side_directory(path) if checkpoint_kind(path) == "run" else path)
         image_processor = load_image_processor(side_directory(path, vision_tower), config)
     return Pipeline(model, config, mesh=mesh, directory=path, tokenizer=tokenizer,
                     image_processor=image_processor, generation_layout=generation_layout)  # fmt: skip
@@ -218,6 +279,9 @@ class Pipeline:
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
+        if input_ids.shape[-1] > self.config.context_length:
+            raise PromptTooLong(f"input_ids hold {input_ids.shape[-1]} positions, more than the model's context of "
+                                f"{self.config.context_length} (max_position_embeddings); shorten the input")  # fmt: skip
         model = self.model
         n_features = 0 if pixel_values is None else model.num_image_features(np.shape(pixel_values), image_sizes)
         check_image_tokens(input_ids, self.config.image_token_id, n_features)

@@ -10,7 +10,8 @@ from flax import nnx
 
 import llava_jax
 from llava_jax import sharding as shd
-from llava_jax.config import LlavaConfig, TextConfig, VisionConfig, preset
+from configs.models import preset
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.model.llava import LlavaModel
 from tests import reference as R
 

@@ -109,12 +109,17 @@ def _read_one(source: TensorSource, key: str, rule: Rule, shape: tuple[int, ...]
 
 
 def read_params(rules: Iterable[Rule], abstract: nnx.State, source: TensorSource, *, dtype=None, shardings=None,
-                ignore: Iterable[str] = (), progress: bool = False) -> nnx.State:  # fmt: skip
+                ignore: Iterable[str] = (), progress: bool = False,
+                quantize: dict | None = None) -> nnx.State:  # fmt: skip
     """Fills an abstract state (from `nnx.eval_shape` + `nnx.split`) with the checkpoint's tensors.
 
     dtype: the parameter dtype (default: each abstract variable's). shardings: a state of
     NamedShardings (from `llava_jax.sharding.state_shardings`), or None for the default device.
+    quantize: {kernel path: llava_jax.quant.QuantSpec}: those kernels become `qvalue` and `scale`
+    (the state of `quant.quantize_model`), quantized one tensor at a time on the host, so no float
+    copy of them reaches the devices; shardings then is the quantized state's.
     """
+    quantize = quantize or {}
     rules = list(rules)
     check_coverage(rules, abstract, source, ignore)
     variables = flat_variables(abstract)
@@ -126,6 +131,15 @@ def read_params(rules: Iterable[Rule], abstract: nnx.State, source: TensorSource
     for path, var in variables.items():
         rule = by_path[path]
         shape, want = var.shape, np.dtype(dtype or var.dtype)
+        if path in quantize:
+            base = path.rsplit(".", 1)[0]
+            keys = rule.keys(shape[0]) if rule.stacked else [rule.key]
+            q, scale = _read_quantized(source, keys, rule, shape, quantize[path], want, stacked=rule.stacked)
+            bar.update(len(keys))
+            for name, value in ((".qvalue", q), (".scale", scale)):  # whole on the host: quantized already
+                filled[base + name] = var.replace(build_array(value.shape, value.dtype, target.get(base + name),
+                                                              lambda _, value=value: value, stacked=False))
+            continue
         keys = rule.keys(shape[0]) if rule.stacked else [rule.key]
 
         def read(i, rule=rule, keys=keys, shape=shape, want=want):  # layer i, or the whole tensor for None
@@ -135,6 +149,28 @@ def read_params(rules: Iterable[Rule], abstract: nnx.State, source: TensorSource
         filled[path] = var.replace(build_array(shape, want, target.get(path), read, stacked=rule.stacked))
     bar.close()
     return nnx.from_flat_state([(tuple(_key(p) for p in path.split(".")), v) for path, v in filled.items()])
+
+
+def _read_quantized(source, keys, rule: Rule, shape, spec, scale_dtype, *, stacked: bool):
+    """(qvalue, scale) host arrays of one kernel (all its layers when stacked): a tensor the file
+    stores in `spec`'s format as it is (`source.read_quantized`), any other read and quantized."""
+    from llava_jax.quant import quantize_array
+
+    direct = getattr(source, "read_quantized", None)
+    layer_shape = shape[1:] if stacked else shape
+    parts = []
+    for key in keys:
+        stored = direct(key, spec) if direct is not None else None
+        if stored is not None:  # the file's own integers and scales, in its [out, in] layout
+            q, scale = (rule.to_model(a) for a in stored)
+            if tuple(q.shape) != tuple(layer_shape):
+                _read_one(source, key, rule, layer_shape, np.float32)  # raises the shape error
+            parts.append((q, np.asarray(scale, scale_dtype)))
+        else:
+            parts.append(quantize_array(_read_one(source, key, rule, layer_shape, np.float32), spec, scale_dtype))
+    if not stacked:
+        return parts[0]
+    return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
 
 
 def _key(part: str):

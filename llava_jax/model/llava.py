@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
+from llava_jax.errors import InputError
 from llava_jax.model import anyres, anyres_merge
 from llava_jax.model.decoder import Decoder, KVCache
 from llava_jax.model.layers import param
@@ -20,7 +21,7 @@ from llava_jax.model.projector import Projector
 from llava_jax.model.vision import VisionTower
 
 
-class ImageTokenMismatch(ValueError):
+class ImageTokenMismatch(InputError):
     """The number of image tokens in input_ids differs from the number of image features."""
 
 

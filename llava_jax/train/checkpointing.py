@@ -1,0 +1,68 @@
+"""Checkpoints of one stage with orbax's CheckpointManager: parameters, train state and the data iterator.
+
+    STAGE_DIR/checkpoints/<step>/params   every model parameter (trainable and frozen), a pure dict
+    STAGE_DIR/checkpoints/<step>/train    TrainState without the trainable parameters (they are in params)
+    STAGE_DIR/checkpoints/<step>/data     the grain iterator's state (JSON)
+
+Saves are asynchronous (the step loop goes on while the arrays are written); the manager keeps the last
+`keep` checkpoints. `params` alone is what `llava_jax.load(WORKDIR)` restores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "train", "data")
+
+
+class StageCheckpoints:
+    def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
+                                               create=True)  # fmt: skip
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, params: dict, train: dict, data_state: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+            data=ocp.args.JsonSave(data_state)), force=True)  # fmt: skip
+
+    def restore(self, step: int, abstract_params: dict, abstract_train: dict) -> tuple[dict, dict, dict]:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(as_targets(abstract_params)),
+            train=ocp.args.StandardRestore(as_targets(abstract_train)), data=ocp.args.JsonRestore()))  # fmt: skip
+        return restored["params"], restored["train"], restored["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def as_targets(tree):
+    """ShapeDtypeStructs (with each array's sharding, or one device's) for orbax to restore into."""
+
+    def target(x):
+        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree.map(target, tree)
+
+
+def restore_params_only(step_dir: str, abstract_params: dict) -> dict:
+    """The `params` item of one checkpoint step directory (for loading a run as a model)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.join(step_dir, "params"), as_targets(abstract_params))

@@ -1,0 +1,95 @@
+"""The jitted train step: gradient accumulation as a scan over micro-batches, then one AdamW update.
+
+batch: every array with a leading micro-batch axis A (see `microbatch.split`): input_ids, labels,
+attention_mask [A, b, T]; pixel_values [A, m, ...]; feature_index [A, F] for anyres models. The loss
+of each micro-batch is its summed token cross-entropy divided by the supervised tokens of the whole
+batch, so the accumulated gradient is the gradient of the global-batch mean whatever A is.
+
+LoRA dropout (where the model has adapters) draws its masks from the state's RNG, folded with the
+micro-batch index; the RNG is checkpointed, so a resumed run draws the same masks.
+
+The update is skipped (parameters and optimizer state kept, a counter raised) when the batch holds no
+supervised token or when the loss or the gradient norm is not finite.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from llava_jax.train.loss import summed_loss, supervised_tokens
+from llava_jax.train.optimizer import merge_params
+from llava_jax.train.state import TrainState
+
+
+def set_lora_dropout(model: nnx.Module, key: jax.Array | None) -> None:
+    """Turns the LoRA adapters' dropout on with `key` where the model has adapters."""
+    try:
+        from llava_jax.train.lora import lora_modules, set_dropout
+    except ImportError:  # no LoRA in this checkout: no adapters to drop out
+        return
+    if key is not None and lora_modules(model):
+        set_dropout(model, key)
+
+
+def forward_loss(graphdef: nnx.GraphDef, trainable, frozen, micro: dict, total_tokens: jax.Array,
+                 dropout_key: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """This micro-batch's share of the global-batch mean loss (a float32 scalar)."""
+    model = nnx.merge(graphdef, merge_params(trainable, frozen))
+    set_lora_dropout(model, dropout_key)
+    logits = model(micro["input_ids"], micro.get("pixel_values"), micro["attention_mask"],
+                   feature_index=micro.get("feature_index"))  # fmt: skip
+    return summed_loss(logits, micro["labels"], total_tokens)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, donate: bool = True):
+    """A jitted `step(state, frozen, batch) -> (state, metrics)`.
+
+    metrics: loss (global-batch mean), grad_norm (of the trainable gradient, before clipping),
+    tokens (supervised targets in the batch), applied (whether the update was taken), finite.
+    """
+
+    def accumulate(trainable, frozen, batch, key):
+        total = supervised_tokens(batch["labels"])
+        grad_fn = jax.value_and_grad(lambda p, micro, k: forward_loss(graphdef, p, frozen, micro, total, k))
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+        accumulation = batch["input_ids"].shape[0]
+
+        def body(carry, inputs):
+            loss_sum, grad_sum = carry
+            micro, index = inputs
+            loss, grads = grad_fn(trainable, micro, jax.random.fold_in(key, index))
+            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+            return (loss_sum + loss, grad_sum), None
+
+        init = (jnp.zeros((), jnp.float32), zeros)
+        (loss, grads), _ = jax.lax.scan(body, init, (batch, jnp.arange(accumulation)))
+        return loss, grads, total
+
+    def step(state: TrainState, frozen, batch):
+        key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        loss, grads, total = accumulate(state.trainable, frozen, batch, key)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        has_tokens = total > 0
+        apply = finite & has_tokens
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
+        one = jnp.ones((), jnp.int32)
+        new_state = state.replace(
+            trainable=keep(trainable, state.trainable),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=jax.random.key_data(next_key),
+            step=state.step + one,
+            updates=state.updates + apply.astype(jnp.int32),
+            nonfinite=state.nonfinite + (~finite & has_tokens).astype(jnp.int32),
+            empty=state.empty + (~has_tokens).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": total, "applied": apply, "finite": finite}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
