@@ -84,7 +84,8 @@ def convert(src: str, out: str, dtype: str = "bfloat16", progress: bool = True,
             shutil.copy2(preprocessor, directory)  # an original checkpoint's lives in its CLIP directory
 
     orbax.save_model_dir(out, state, config, copy_from=None if kind == "gguf" else src,
-                         template=checkpoint_template(src, config), extra_files=side_files)  # fmt: skip
+                         template=checkpoint_template(src, config), extra_files=side_files,
+                         quantization=quant.plan_to_json(quant.model_plan(model)))  # fmt: skip
     n_params = sum(x.size for x in jax.tree.leaves(state))
     return {"src": src, "out": out, "dtype": dtype, "quantize": quantize, "parameters": int(n_params),
             "bytes": quant.parameter_bytes(state), "seconds": round(time.time() - start, 1)}  # fmt: skip
