@@ -17,7 +17,9 @@ import json
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from llava_jax.errors import UserError, one_line, run_app
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "checkpoint: a llava-hf, original LLaVA or llava_jax directory, or a llama.cpp "
@@ -32,16 +34,9 @@ flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0 = all)
 flags.DEFINE_float("top_p", 1.0, "sample from the smallest set of tokens whose probability reaches p")
 flags.DEFINE_integer("max_new_tokens", 512, "most tokens per answer")
 flags.DEFINE_integer("seed", 0, "sampling seed (the same seed gives the same answer)")
-flags.DEFINE_string("dtype", "bfloat16", "float32 or bfloat16 (parameters and activations)")
-
-def _user_errors():
-    """Mistakes a user can make: reported as one line and exit status 2, not a traceback."""
-    from llava_jax.data.image import UnreadableImageError
-    from llava_jax.data.prepare import ImageCountError, PromptTooLong
-    from llava_jax.checkpoints.safetensors_io import CheckpointError
-
-    return (FileNotFoundError, UnreadableImageError, ImageCountError, PromptTooLong, CheckpointError)
-
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "parameters and activations")
+flags.DEFINE_enum("quantize", None, ["int8", "int4", "auto"], "weight-only quantization of the decoder's linear "
+                  "layers (llava_jax.quant); 'auto' keeps a GGUF file's Q8_0/Q4_0 tensors as they are")  # fmt: skip
 
 def answer(session, prompt: str, sampling: dict, out=sys.stdout) -> dict:
     """Streams one reply to `out`; returns its summary."""
@@ -61,34 +56,29 @@ def main(argv):
 
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                     max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed)  # fmt: skip
-    try:
-        from llava_jax.data.image import load_image
+    from llava_jax.data.image import load_image
 
-        images = [load_image(path) for path in FLAGS.image]  # fail on a bad image before loading the model
-        pipe = llava_jax.load(FLAGS.model, dtype=FLAGS.dtype, mmproj=FLAGS.mmproj)
-        session = ChatSession(pipe, images, None if FLAGS.template == "auto" else FLAGS.template)
-        if FLAGS.prompt is not None:
-            summary = answer(session, FLAGS.prompt, sampling)
-            print(json.dumps({"template": session.template, **summary}))
-            return
-        print(f"Chatting with {FLAGS.model} ({len(images)} image(s), template {session.template}); "
-              "an empty line ends.", file=sys.stderr)  # fmt: skip
-        while True:
-            try:
-                prompt = input("USER: ")
-            except EOFError:
-                break
-            if not prompt.strip():
-                break
-            sys.stdout.write("ASSISTANT: ")
-            try:
-                answer(session, prompt, sampling)
-            except _user_errors() as e:  # e.g. a too long conversation: report it and keep chatting
-                print(f"\nerror: {e}", file=sys.stderr)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
+    images = [load_image(path) for path in FLAGS.image]  # fail on a bad image before loading the model
+    pipe = llava_jax.load(FLAGS.model, dtype=FLAGS.dtype, mmproj=FLAGS.mmproj, quantize=FLAGS.quantize)
+    session = ChatSession(pipe, images, None if FLAGS.template == "auto" else FLAGS.template)
+    if FLAGS.prompt is not None:
+        summary = answer(session, FLAGS.prompt, sampling)
+        print(json.dumps({"template": session.template, **summary}))
+        return
+    print(f"Chatting with {FLAGS.model} ({len(images)} image(s), template {session.template}); "
+          "an empty line ends.", file=sys.stderr)  # fmt: skip
+    while True:
+        try:
+            prompt = input("USER: ")
+        except EOFError:
+            break
+        if not prompt.strip():
+            break
+        sys.stdout.write("ASSISTANT: ")
+        try:
+            answer(session, prompt, sampling)
+        except UserError as e:  # e.g. a turn longer than the context: report it and keep chatting
+            print(f"\n{one_line(e)}", file=sys.stderr)
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -13,6 +13,7 @@ as well (derived, not timed).
 
     python bench/data.py                      # both modes, 2 workers
     python bench/data.py --mode clip --images 256 --workers 2 --rounds 5
+    python bench/data.py --mode packing       # padding fraction packed vs unpacked (no images; seconds)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from PIL import Image, ImageDraw
 
 from llava_jax.config import LlavaConfig
 from llava_jax.data import tiny_tokenizer
+from llava_jax.data.packing import padding_fraction
 from llava_jax.data.pipeline import DataConfig, LlavaDataset
 from llava_jax.data.tokenizer import load_tokenizer
 
@@ -198,15 +200,65 @@ def run(mode: str, args, folder: str, data_path: str, tokenizer) -> dict:
     return result
 
 
+# llava_v1_5_mix665k by part (counts from the LLaVA-1.5 paper, Table 7): (examples, has an image, median
+# text tokens, log-normal sigma). The text lengths are assumptions shaped like the data (short multi-turn
+# VQA, longer LLaVA-Instruct conversations, long ShareGPT text capped at 2048), not measured on it.
+MIX665K = {
+    "llava_instruct": (158_000, True, 280, 0.6), "sharegpt": (40_000, False, 900, 0.8),
+    "vqav2": (83_000, True, 120, 0.5), "gqa": (72_000, True, 110, 0.5), "okvqa": (9_000, True, 40, 0.4),
+    "ocrvqa": (80_000, True, 90, 0.5), "a_okvqa": (66_000, True, 60, 0.4), "textcaps": (22_000, True, 40, 0.4),
+    "refcoco": (48_000, True, 150, 0.5), "vg": (86_000, True, 160, 0.5),
+}  # fmt: skip
+IMAGE_TOKENS = 576  # LLaVA-1.5: CLIP-L/14 at 336 px
+
+
+def mix665k_lengths(num: int, seed: int = 0, max_length: int = 2048) -> np.ndarray:
+    """Token counts of `num` examples drawn in the proportions of MIX665K, shuffled."""
+    rng = np.random.default_rng(seed)
+    total = sum(part[0] for part in MIX665K.values())
+    lengths = []
+    for count, image, median, sigma in MIX665K.values():
+        n = round(num * count / total)
+        text = np.exp(rng.normal(np.log(median), sigma, n)).astype(int)
+        lengths.append(np.clip(text + IMAGE_TOKENS * image, 16, max_length))
+    lengths = np.concatenate(lengths)
+    rng.shuffle(lengths)
+    return lengths
+
+
+def packing_report(num: int, batch_size: int, max_length: int = 2048) -> dict:
+    """Padding fraction of a mix665k-shaped length mix: unpacked batches padded to their longest,
+    padded to max_length (static shapes), and packed into rows of max_length."""
+    lengths = mix665k_lengths(num, max_length=max_length)
+    result = {
+        "mode": "packing", "examples": int(len(lengths)), "max_length": max_length, "batch_size": batch_size,
+        "mean_length": round(float(lengths.mean()), 1),
+        "padding_unpacked_to_batch_longest": padding_fraction(lengths, batch_size, max_length, None),
+        "padding_unpacked_to_max_length": float(1 - lengths.mean() / max_length),
+        "padding_packed_first_fit": padding_fraction(lengths, batch_size, max_length, "first_fit"),
+        "padding_packed_best_fit": padding_fraction(lengths, batch_size, max_length, "best_fit"),
+    }  # fmt: skip
+    result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    print(f"padding fraction on {num} mix665k-shaped examples (mean {result['mean_length']} tokens): unpacked "
+          f"{result['padding_unpacked_to_batch_longest']:.1%} (batches of {batch_size} padded to their longest), "
+          f"{result['padding_unpacked_to_max_length']:.1%} (padded to {max_length}); packed first-fit "
+          f"{result['padding_packed_first_fit']:.1%}, best-fit {result['padding_packed_best_fit']:.1%}")  # fmt: skip
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("clip", "anyres", "both"), default="both")
+    parser.add_argument("--mode", choices=("clip", "anyres", "both", "packing"), default="both")
     parser.add_argument("--images", type=int, default=768,
                         help="640x480 JPEGs to write and read (enough that start-up and the epoch's tail do not dominate)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating loop/pipeline measurements")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--examples", type=int, default=20_000, help="--mode packing: examples drawn")
     args = parser.parse_args()
+    if args.mode == "packing":
+        print(json.dumps(packing_report(args.examples, args.batch_size)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "images")
         os.makedirs(folder)

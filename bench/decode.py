@@ -1,6 +1,6 @@
 """Decoding speed of llava_jax against transformers (PyTorch, CPU) on the same ~300M LLaVA.
 
-    python bench/decode.py [--repeats 5] [--skip_hf] [--batches 1,8] [--no_bf16]
+    python bench/decode.py [--repeats 5] [--skip_hf] [--batches 1,8] [--no_bf16] [--quantize int8,int4]
 
 One model of realistic shape (CLIP ViT-B/14 at 224 -> 256 image tokens; a 12-layer 1024-wide LLaMA
 with MLP 2816 and vocab 32064), random weights built in transformers, saved with save_pretrained and
@@ -12,6 +12,8 @@ loaded with `llava_jax.load`; the same prompt (BOS, one image, text: 297 tokens)
 - roofline: decoder weight bytes read per token (layers, final norm, LM head) against the bandwidth of
   a large float32 matrix-vector product sampled between the batch-1 runs: its median sample (the
   load our runs saw) and its best one (a conservative bound).
+- int8 / int4 rows: the same checkpoint loaded with `quantize=` (float32 activations; on CPU the
+  "copy" layout's int8 x int8 products, see llava_jax.quant), against our float32 in the same run.
 The sides run in turn within every repeat (the machine is shared and its load drifts); every figure is
 the median of --repeats runs, and ratios are taken of the medians.
 """
@@ -177,6 +179,7 @@ def main():
     parser.add_argument("--skip_hf", action="store_true", help="only llava_jax (no ratios against transformers)")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 run")
+    parser.add_argument("--quantize", default="int8,int4", help="comma-separated quantized rows ('' for none)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -189,12 +192,16 @@ def main():
             hf_model = None
         pipe = llava_jax.load(directory, dtype="float32")
         pipe16 = None if args.no_bf16 else llava_jax.load(directory, dtype="bfloat16")
+        quantized = {mode: llava_jax.load(directory, dtype="float32", quantize=mode)
+                     for mode in args.quantize.split(",") if mode}  # fmt: skip
         bytes_per_token = decoder_bytes_per_token(pipe)
         bandwidth = MatvecBandwidth()
         for b in batches:
             runners = {f"jax_f32_b{b}": jax_runner(pipe, b)}
             if pipe16 is not None and b == 1:
                 runners["jax_bf16_b1"] = jax_runner(pipe16, 1)
+            for mode, qpipe in quantized.items():
+                runners[f"jax_{mode}_b{b}"] = jax_runner(qpipe, b)
             if hf_model is not None:
                 runners[f"hf_f32_b{b}"] = hf_runner(hf_model, b)
             results.update(measure(runners, args.repeats, bandwidth if b == 1 else None))
@@ -203,14 +210,15 @@ def main():
     if not bandwidth.samples:
         for _ in range(args.repeats):
             bandwidth.sample()
-    print_table(results, batches, bandwidth, bytes_per_token)
+    print_table(results, batches, bandwidth, bytes_per_token, list(quantized))
 
 
 def rate(r: dict, batch: int) -> float:
     return batch / r["decode_s_per_token"]
 
 
-def print_table(results: dict, batches: list[int], bandwidth: "MatvecBandwidth", bytes_per_token: int):
+def print_table(results: dict, batches: list[int], bandwidth: "MatvecBandwidth", bytes_per_token: int,
+                modes: list[str] = ()):  # fmt: skip
     """The table, then one JSON line. The roofline is given for the median bandwidth sample (the
     load our runs saw) and for the best one (a conservative bound)."""
     rooflines = {"median": bandwidth.median() / bytes_per_token, "best": bandwidth.best() / bytes_per_token}
@@ -247,6 +255,14 @@ def print_table(results: dict, batches: list[int], bandwidth: "MatvecBandwidth",
         bf16 = rate(results["jax_bf16_b1"], 1)
         print(f"{'decode b1 bfloat16 (tok/s)':<28}{bf16:>12.2f}{'':>14}{bf16 / ours_b1:>9.2f}x  (vs our float32)")
         summary["decode_b1_bf16_tok_s"], summary["bf16_over_f32"] = bf16, bf16 / ours_b1
+    for mode in modes:
+        for b in batches:
+            q, f32 = rate(results[f"jax_{mode}_b{b}"], b), rate(results[f"jax_f32_b{b}"], b)
+            print(f"{f'decode b{b} {mode} (tok/s)':<28}{q:>12.2f}{'':>14}{q / f32:>9.2f}x  (vs our float32)")
+            summary[f"decode_b{b}_{mode}_tok_s"], summary[f"{mode}_over_f32_b{b}"] = q, q / f32
+        prefill = results[f"jax_{mode}_b{batches[0]}"]["prefill_s"]
+        print(f"{f'prefill b{batches[0]} {mode} (s)':<28}{prefill:>12.3f}")
+        summary[f"prefill_b{batches[0]}_{mode}_s"] = prefill
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}))
 
 

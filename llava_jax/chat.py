@@ -8,14 +8,18 @@ run the vision tower again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
 from llava_jax.checkpoints import orbax
 from llava_jax.data.conversation import get_template, render, template_for
 from llava_jax.data.image import load_image
-from llava_jax.data.prepare import IMAGE_TAG, ImageCountError
+from llava_jax.data.prepare import IMAGE_TAG, ImageCountError, PromptTooLong
+from llava_jax.errors import ConfigError
 from llava_jax.generate import cut_at_stop
+
+_log = logging.getLogger(__name__)
 
 
 def checkpoint_template(path: str | None, config) -> str:
@@ -74,13 +78,15 @@ class ChatSession:
 
     def __init__(self, pipe, images: Sequence = (), template: str | None = None, system: str | None = None):
         if pipe.tokenizer is None:
-            raise ValueError("chat needs the checkpoint's tokenizer; this pipeline has none")
+            raise ConfigError("chat needs the checkpoint's tokenizer; this pipeline has none (its directory has no "
+                              "tokenizer.model or tokenizer.json)")
         self.pipe = pipe
         images = images if isinstance(images, (list, tuple)) else [images]
         self.images = [load_image(im) if isinstance(im, (str, os.PathLike, bytes, bytearray)) else im for im in images]
         self.template = template or default_template(pipe)
         get_template(self.template)  # fails early on an unknown name
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+        self.dropped_turns = 0  # turns the last question dropped to fit the context
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -101,12 +107,47 @@ class ChatSession:
                                   f"{len(self.images)} images; give one image per tag")  # fmt: skip
         return prompt
 
+    def _fit(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], dict]:
+        """(messages, prepared inputs) with the oldest turns dropped while the prompt plus room for the
+        reply outgrows the context. The images' tags move to the first user message left."""
+        config = self.pipe.config
+        reserve = min(max_new_tokens, config.context_length // 4)  # room for the reply, at least a little
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        dropped = 0
+        while True:
+            text = render(self.template, messages, add_generation_prompt=True)
+            try:
+                inputs = self.pipe.prepare(text, self.images)
+                too_long = inputs["input_ids"].shape[1] + reserve > config.context_length
+            except PromptTooLong:
+                inputs, too_long = None, True
+            if not too_long or len(messages) - first < 3:  # fits, or only the new message is left
+                break
+            messages = messages[:first] + self._retag(messages[first + 2 :])
+            dropped += 1
+        if inputs is None:  # the new message alone is too long: prepare says by how much
+            self.pipe.prepare(render(self.template, messages, add_generation_prompt=True), self.images)
+        self.dropped_turns = dropped
+        if dropped:
+            _log.warning("dropped the oldest %d turn(s) of the conversation: it outgrew the context of %d tokens",
+                            dropped, config.context_length)  # fmt: skip
+        return messages, inputs
+
+    def _retag(self, messages: list[dict]) -> list[dict]:
+        """The first user message of what is left gets the images' tags (they were in a dropped one)."""
+        if not self.images or IMAGE_TAG in messages[0]["content"]:
+            return messages
+        head = dict(messages[0], content=(IMAGE_TAG + "\n") * len(self.images) + messages[0]["content"])
+        return [head] + messages[1:]
+
     def ask_stream(self, prompt: str, **sampling) -> Iterator[str]:
         """Adds the user's message and yields the reply's text as it is generated; the finished reply
-        (cut at the template's stop string, stripped) joins the conversation."""
+        (cut at the template's stop string, stripped) joins the conversation.
+
+        When the conversation no longer fits the model's context (with room for the reply), its oldest
+        turns are dropped (`dropped_turns` says how many; a warning is logged)."""
         messages = self.messages + [{"role": "user", "content": self._user_text(prompt)}]
-        text = render(self.template, messages, add_generation_prompt=True)
-        inputs = self.pipe.prepare(text, self.images)
+        messages, inputs = self._fit(messages, sampling.get("max_new_tokens", 256))
         tokenizer, stop = self.pipe.tokenizer, self.stop
         ids: list[int] = []
         shown = ""

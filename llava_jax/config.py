@@ -12,6 +12,9 @@ import os
 import re
 from typing import Any
 
+from llava_jax.errors import ConfigError, UnsupportedError
+from llava_jax.json_file import read_json_object
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -64,12 +67,13 @@ class TextConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
 
 
 PROJECTOR_TYPES = ("linear", "identity", "mlpNx_gelu")
+ATTENTION = ("auto", "xla", "blockwise", "cudnn", "splash")
 _MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
 
 
@@ -81,7 +85,7 @@ def projector_depth(projector_type: str) -> int:
         return 0
     match = _MLP_GELU.match(projector_type)
     if not match or int(match.group(1)) < 1:
-        raise ValueError(f"unknown projector type {projector_type!r}; expected one of {PROJECTOR_TYPES}")
+        raise ConfigError(f"unknown projector type {projector_type!r}; expected one of {PROJECTOR_TYPES}")
     return int(match.group(1))
 
 
@@ -111,22 +115,25 @@ class LlavaConfig:
     model_max_length: int | None = None  # longest prompt trained on (original: tokenizer_model_max_length)
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations; attention softmax and norms run in float32
+    attention: str = "auto"  # the attention kernel, one of ATTENTION (llava_jax.model.attention)
 
     def __post_init__(self):
         projector_depth(self.projector_type)
         if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(
+            raise ConfigError(
                 f"vision_feature_select_strategy must be 'default' or 'full', "
                 f"got {self.vision_feature_select_strategy!r}"
             )
         n = self.vision.num_layers
         for layer in self.feature_layers:
             if not -(n + 1) <= layer <= n:
-                raise ValueError(f"vision_feature_layer {layer} is out of range for a {n}-layer vision tower")
+                raise ConfigError(f"vision_feature_layer {layer} is out of range for a {n}-layer vision tower")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.semantics not in ("hf", "original"):
-            raise ValueError(f"semantics must be 'hf' or 'original', got {self.semantics!r}")
+            raise ConfigError(f"semantics must be 'hf' or 'original', got {self.semantics!r}")
         if self.patch_merge_type not in ("flat", "spatial", "spatial_unpad"):
-            raise ValueError(
+            raise ConfigError(
                 f"patch_merge_type must be 'flat', 'spatial' or 'spatial_unpad', got {self.patch_merge_type!r}"
             )
 
@@ -153,6 +160,17 @@ class LlavaConfig:
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
 
     @property
+    def context_length(self) -> int:
+        """Positions the language model has (max_position_embeddings): prompt and reply together."""
+        return self.text.max_position_embeddings
+
+    @property
+    def prompt_limit(self) -> int:
+        """The longest prompt accepted: the length trained on where the checkpoint records it
+        (model_max_length), else the context length."""
+        return min(self.model_max_length or self.context_length, self.context_length)
+
+    @property
     def projector_in_dim(self) -> int:
         return self.vision.hidden_size * len(self.feature_layers)
 
@@ -176,7 +194,7 @@ class LlavaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown LlavaConfig fields {sorted(unknown)}")
+            raise ConfigError(f"unknown LlavaConfig fields {sorted(unknown)}")
         return cls(vision=vision, text=text, **d)
 
     def to_json(self, path: str) -> None:
@@ -196,17 +214,16 @@ class LlavaConfig:
         """
         if isinstance(hf, str):
             path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
-            with open(path) as f:
-                hf = json.load(f)
+            hf = read_json_object(path)
         model_type = hf.get("model_type")
         if model_type not in ("llava", "llava_next"):
-            raise ValueError(f"expected a llava-hf config with model_type 'llava' or 'llava_next', got {model_type!r}")
+            raise ConfigError(f"expected a llava-hf config with model_type 'llava' or 'llava_next', got {model_type!r}")
         text = text_config_from_hf(hf.get("text_config") or {})
         if hf.get("tie_word_embeddings") and not text.tie_word_embeddings:
             text = dataclasses.replace(text, tie_word_embeddings=True)
         act = hf.get("projector_hidden_act", "gelu")
         if act != "gelu":
-            raise NotImplementedError(f"projector_hidden_act {act!r} is not supported (only 'gelu', exact erf)")
+            raise UnsupportedError(f"projector_hidden_act {act!r} is not supported (only 'gelu', exact erf)")
         layer = hf.get("vision_feature_layer", -2)
         kwargs: dict[str, Any] = dict(
             vision=vision_config_from_hf(hf.get("vision_config") or {}),
@@ -255,9 +272,9 @@ def vision_config_from_hf(hf: dict[str, Any]) -> VisionConfig:
     hf = {**_LLAVA_CLIP_DEFAULTS, **hf}
     mt = hf.get("model_type", "clip_vision_model")
     if mt not in ("clip_vision_model", "clip"):
-        raise NotImplementedError(f"vision tower model_type {mt!r} is not supported (only CLIP ViT)")
+        raise UnsupportedError(f"vision tower model_type {mt!r} is not supported (only CLIP ViT)")
     if hf["hidden_act"] not in ("quick_gelu", "gelu"):
-        raise NotImplementedError(f"vision hidden_act {hf['hidden_act']!r} is not supported")
+        raise UnsupportedError(f"vision hidden_act {hf['hidden_act']!r} is not supported")
     return VisionConfig(
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
@@ -293,13 +310,13 @@ def _rope(hf: dict[str, Any]) -> tuple[float, float]:
         return float(theta), 1.0
     if kind == "linear":
         return float(theta), float(factor)
-    raise NotImplementedError(f"RoPE scaling type {kind!r} is not supported (only 'default' and 'linear')")
+    raise UnsupportedError(f"RoPE scaling type {kind!r} is not supported (only 'default' and 'linear')")
 
 
 def text_config_from_hf(hf: dict[str, Any]) -> TextConfig:
     mt = hf.get("model_type", "llama")
     if mt not in ("llama", "mistral"):
-        raise NotImplementedError(f"text model_type {mt!r} is not supported (llama or mistral)")
+        raise UnsupportedError(f"text model_type {mt!r} is not supported (llama or mistral)")
     hf = {**(_MISTRAL_DEFAULTS if mt == "mistral" else _LLAMA_DEFAULTS), **hf}
     heads = hf["num_attention_heads"]
     theta, factor = _rope(hf)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.data.prepare import PromptTooLong
+from llava_jax.errors import ConfigError, InputError
 from llava_jax.model import decode_layout
 from llava_jax.model.decode_layout import LayerCache
 from llava_jax.model.decoder import KVCache
@@ -68,13 +69,13 @@ def prompt_rows(input_ids, attention_mask=None) -> list[np.ndarray]:
     attention mask's zeros (left or right padding) dropped."""
     if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
         if attention_mask is not None:
-            raise ValueError("pass either ragged token lists or input_ids with an attention_mask, not both")
+            raise InputError("pass either ragged token lists or input_ids with an attention_mask, not both")
         return [np.asarray(r, np.int32).reshape(-1) for r in input_ids]
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, T] or [T], got shape {ids.shape}")
+        raise InputError(f"input_ids must be [B, T] or [T], got shape {ids.shape}")
     if attention_mask is None:
         return list(ids)
     mask = np.asarray(attention_mask).reshape(ids.shape).astype(bool)
@@ -209,7 +210,7 @@ class Generator:
             decoder = jax.tree.leaves(params_fn()["decoder"])
             layout = default_layout(sum(a.size * a.dtype.itemsize for a in decoder))
         if layout not in LAYOUTS:
-            raise ValueError(f"generation layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+            raise ConfigError(f"generation layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
         self.params_fn = params_fn
         self.config = config
@@ -248,10 +249,10 @@ class Generator:
               seed: int, eos_ids: tuple[int, ...]) -> tuple[DecodeState, int]:  # fmt: skip
         """Prefills ragged prompt rows; returns the state and the usable number of new tokens."""
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         longest = max(len(r) for r in rows)
         if min(len(r) for r in rows) == 0:
-            raise ValueError("an empty prompt cannot be continued; give at least one token (e.g. BOS)")
+            raise InputError("an empty prompt cannot be continued; give at least one token (e.g. BOS)")
         if longest >= self.max_length:
             raise PromptTooLong(
                 f"a prompt of {longest} tokens (image tokens included) does not fit the model's context of "
@@ -274,7 +275,7 @@ class Generator:
         after every `chunk` tokens (None: once, at the end). A row finishes after an eos id (kept) or
         after the token that completes a stop string (kept; cut the text with `cut_at_stop`)."""
         if stop and self.decode_text is None:
-            raise ValueError("stop strings need a tokenizer to decode the ids; this pipeline has none")
+            raise ConfigError("stop strings need a tokenizer to decode the ids; this pipeline has none")
         eos_ids = tuple(sorted({int(e) for e in eos_ids}))
         state, budget = self.start(rows, features, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
                                    eos_ids=eos_ids)  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -14,14 +13,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from llava_jax import quant
 from llava_jax import sharding as shd
 from llava_jax.checkpoints import gguf, hf, orbax, original
 from llava_jax.checkpoints.params import read_params
-from llava_jax.checkpoints.safetensors_io import CheckpointError
+from llava_jax.atomic import leftover_hint
+from llava_jax.errors import CheckpointError, ConfigError, MissingInputError
 from llava_jax.chat import ChatSession
 from llava_jax.config import LlavaConfig
 from llava_jax.data.image import ImageProcessor
-from llava_jax.data.prepare import prepare_inputs
+from llava_jax.data.prepare import PromptTooLong, prepare_inputs
 from llava_jax.feature_cache import ImageFeatureCache
 from llava_jax.generate import Generator, prompt_rows
 from llava_jax.model import anyres, anyres_merge
@@ -32,24 +33,31 @@ from llava_jax.train import run_dir
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
-def abstract_model(config: LlavaConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's structure and parameter shapes, without allocating parameters."""
-    return nnx.split(nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(0))))
+def abstract_model(config: LlavaConfig, quantization: dict | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's structure and parameter shapes, without allocating parameters; quantization:
+    {kernel path: QuantSpec} (llava_jax.quant) turns those linears into QuantizedLinear."""
+    def build():
+        model = LlavaModel(config, rngs=nnx.Rngs(0))
+        return quant.quantize_model(model, quant.plan_function(quantization)) if quantization else model
+
+    return nnx.split(nnx.eval_shape(build))
 
 
 def checkpoint_kind(path: str) -> str:
     """'llava_jax' (our model directory), 'run' (a training run's workdir), 'hf' (llava-hf), 'original'
     (haotian-liu/LLaVA) or 'gguf' (llama.cpp: a .gguf file, or a directory holding the model and its mmproj .gguf)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingInputError(f"no checkpoint at {path}{leftover_hint(path)}")
     if run_dir.is_run_dir(path):
         return "run"
     if os.path.isdir(path) and orbax.is_model_dir(path):
         return "llava_jax"
+    if orbax.incomplete_model_dir(path):
+        raise CheckpointError(f"{path} holds parameters but no {orbax.MARKER}: an interrupted write left it; "
+                              "delete it and convert (or save) again")  # fmt: skip
     config_path = os.path.join(path, "config.json")
     if os.path.isdir(path) and os.path.isfile(config_path):
-        with open(config_path) as f:
-            cfg = json.load(f)
+        cfg = original.read_json(config_path)
         if original.is_original_config(cfg):  # before model_type: original 1.5 configs say "llava" too
             return "original"
         if cfg.get("model_type") in ("llava", "llava_next"):
@@ -64,42 +72,71 @@ def checkpoint_kind(path: str) -> str:
 
 
 def load_model(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, progress: bool = False,
-               vision_tower: str | None = None, mmproj: str | None = None):  # fmt: skip
+               vision_tower: str | None = None, mmproj: str | None = None, quantize: str | None = None):  # fmt: skip
     """Reads a checkpoint into a LlavaModel. Returns (model, config).
 
     vision_tower: the CLIP directory of an original LLaVA checkpoint (default: its mm_vision_tower).
     mmproj: the projector file of a GGUF language model (llama.cpp's mmproj-*.gguf).
+    quantize: None, "int8", "int4" or "auto" (llava_jax.quant): the decoder's linear layers are
+    quantized as each tensor is read (no float copy of them is kept); "auto" keeps a GGUF file's
+    Q8_0 / Q4_0 tensors as they are and re-quantizes its other quants (float checkpoints stay float).
+    A model directory stored quantized (`convert --quantize`) loads quantized whatever is asked.
     """
     kind = checkpoint_kind(path)
     if vision_tower is not None and kind != "original":
-        raise ValueError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
+        raise ConfigError(f"vision_tower= is for original LLaVA checkpoints; {path} is a {kind} checkpoint")
     if mmproj is not None and kind != "gguf":
-        raise ValueError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
+        raise ConfigError(f"mmproj= is for GGUF language models; {path} is a {kind} checkpoint")
+    if quantize is not None and quantize != "auto":
+        quant.spec_for(quantize, 0)  # validates the mode
     if kind == "run":
-        return load_run_model(path, dtype, mesh)
-    if kind == "llava_jax":
-        config = orbax.read_config(path)
-    elif kind == "hf":
-        config = LlavaConfig.from_hf(path)
-    elif kind == "gguf":
-        config, tensors = gguf.load_gguf(path, mmproj)
-    else:
-        config, tensors, _ = original.load_original(path, vision_tower)
+        model, config = load_run_model(path, dtype, mesh)
+        return (model if quantize in (None, "auto") else quant.quantize_model(model, quantize)), config
+    try:
+        if kind == "llava_jax":
+            config = orbax.read_config(path)
+        elif kind == "hf":
+            config = LlavaConfig.from_hf(path)
+        elif kind == "gguf":
+            config, tensors = gguf.load_gguf(path, mmproj)
+        else:
+            config, tensors, _ = original.load_original(path, vision_tower)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong type
+        where = path if kind == "gguf" else os.path.join(path, orbax.MARKER if kind == "llava_jax" else "config.json")
+        raise CheckpointError(f"{where}: a configuration field is missing or malformed ({type(e).__name__}: {e}); "
+                              "the checkpoint is damaged or of an unsupported kind") from e  # fmt: skip
     config = config.replace(param_dtype=dtype, dtype=dtype)
     graphdef, abstract = abstract_model(config)
-    shardings = shd.state_shardings(abstract, mesh) if mesh is not None else None
     if kind == "llava_jax":
-        state = orbax.restore_params(path, abstract, shardings, dtype)
-    elif kind == "hf":
-        state = read_params(hf.hf_rules(config), abstract, hf.HFTensors(path), dtype=dtype, shardings=shardings,
-                            ignore=hf.hf_ignored(config), progress=progress)  # fmt: skip
+        stored = quant.plan_from_json(orbax.read_quantization(path))
+        if stored or quantize is None:
+            return _restore(path, config, dtype, mesh, stored), config
+        model = _restore(path, config, dtype, mesh, {})
+        return quant.quantize_model(model, quantize if quantize != "auto" else (lambda *_: None)), config
+    if kind == "hf":
+        rules, source, ignore = hf.hf_rules(config), hf.HFTensors(path), hf.hf_ignored(config)
     elif kind == "gguf":
-        state = read_params(gguf.gguf_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
-                            ignore=gguf.gguf_ignored(config), progress=progress)  # fmt: skip
+        rules, source, ignore = gguf.gguf_rules(config), tensors, gguf.gguf_ignored(config)
     else:
-        state = read_params(original.original_rules(config), abstract, tensors, dtype=dtype, shardings=shardings,
-                            ignore=original.original_ignored(config), progress=progress)  # fmt: skip
-    return nnx.merge(graphdef, state), config
+        rules, source, ignore = original.original_rules(config), tensors, original.original_ignored(config)
+    plan = {}
+    if quantize is not None:
+        by_path = {r.path: r for r in rules}
+        file_types = None
+        if kind == "gguf":
+            file_types = lambda p: [source.quant_type(k) for k in by_path[p].keys(config.text.num_layers)]
+        plan = quant.load_plan(quantize, quant.kernel_paths(nnx.merge(graphdef, abstract)), file_types)
+    target_graphdef, target = abstract_model(config, plan)
+    shardings = shd.state_shardings(target, mesh) if mesh is not None else None
+    state = read_params(rules, abstract, source, dtype=dtype, shardings=shardings, ignore=ignore, progress=progress,
+                        quantize=plan)  # fmt: skip
+    return nnx.merge(target_graphdef, state), config
+
+
+def _restore(path: str, config: LlavaConfig, dtype: str, mesh: Mesh | None, plan: dict) -> LlavaModel:
+    graphdef, abstract = abstract_model(config, plan)
+    shardings = shd.state_shardings(abstract, mesh) if mesh is not None else None
+    return nnx.merge(graphdef, orbax.restore_params(path, abstract, shardings, dtype))
 
 
 def load_run_model(path: str, dtype: str, mesh: Mesh | None):
@@ -154,11 +191,13 @@ def load_gguf_side(path: str, mmproj: str | None, config: LlavaConfig):
 
 
 def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_tower: str | None = None,
-         generation_layout: str = "auto", mmproj: str | None = None) -> "Pipeline":  # fmt: skip
+         generation_layout: str = "auto", mmproj: str | None = None,
+         quantize: str | None = None) -> "Pipeline":  # fmt: skip
     """A Pipeline for a llava-hf, original LLaVA, llava_jax or GGUF model.
 
     dtype: parameters and activations ("float32" for exact parity, "bfloat16" for speed).
-    mesh: a jax Mesh with axes from (data, fsdp, tensor); parameters are laid out on it directly.
+    mesh: a jax Mesh with axes from (data, fsdp, tensor) of any sizes and axis types (`jax.make_mesh` or
+    `llava_jax.sharding.make_mesh`); parameters are laid out on it directly, never whole on one device.
     vision_tower: for an original LLaVA checkpoint, its CLIP directory (default: config.json's
     mm_vision_tower, a path absolute or relative to the checkpoint directory).
     mmproj: for a GGUF language model file (path), its multimodal projector file; a directory holding
@@ -166,8 +205,10 @@ def load(path: str, dtype: str = "bfloat16", mesh: Mesh | None = None, vision_to
     generation_layout: "copy" (a second, decode-friendly copy of the decoder's weights: fast on CPU),
     "scanned" (the model's own weights, no extra memory) or "auto" (copy on CPU where it fits in half
     the memory available, scanned elsewhere).
+    quantize: None, "int8", "int4" or "auto": weight-only quantization of the decoder's linear layers
+    (see `load_model` and llava_jax.quant).
     """
-    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower, mmproj=mmproj)
+    model, config = load_model(path, dtype, mesh, vision_tower=vision_tower, mmproj=mmproj, quantize=quantize)
     if checkpoint_kind(path) == "gguf":
         tokenizer, image_processor = load_gguf_side(path, mmproj, config)
     else:
@@ -184,7 +225,7 @@ class Pipeline:
                  directory: str | None = None, tokenizer=None, image_processor=None,
                  generation_layout: str = "auto"):  # fmt: skip
         self.config = config
-        self.mesh = mesh
+        self.mesh = shd.auto_view(mesh) if mesh is not None else None  # see llava_jax.sharding
         self.directory = directory
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -238,6 +279,9 @@ class Pipeline:
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
+        if input_ids.shape[-1] > self.config.context_length:
+            raise PromptTooLong(f"input_ids hold {input_ids.shape[-1]} positions, more than the model's context of "
+                                f"{self.config.context_length} (max_position_embeddings); shorten the input")  # fmt: skip
         model = self.model
         n_features = 0 if pixel_values is None else model.num_image_features(np.shape(pixel_values), image_sizes)
         check_image_tokens(input_ids, self.config.image_token_id, n_features)
@@ -286,7 +330,7 @@ class Pipeline:
         return [features[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
     def _mesh_context(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        return shd.use_mesh(self.mesh)
 
     def _prepare_generation(self, input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens, temperature,
                             top_k, top_p, seed, stop, eos_ids):  # fmt: skip

@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from llava_jax.errors import ConfigError
+
 _MASKED = -jnp.inf
 
 
@@ -35,11 +37,11 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature} (use Greedy for 0)")
+            raise ConfigError(f"temperature must be > 0 for sampling, got {self.temperature} (use Greedy for 0)")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def sample(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
         logits = filter_logits(logits, self.temperature, self.top_k, self.top_p)
@@ -76,7 +78,7 @@ def keep_top_p(logits: jax.Array, p: float) -> jax.Array:
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Greedy | Sampling:
     """Greedy for temperature 0 (top_k and top_p are then irrelevant), else Sampling."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return Greedy()
     return Sampling(float(temperature), int(top_k), float(top_p))

@@ -214,3 +214,86 @@ def test_unsupported_template_and_size_mismatch(tokenizer):
         _builder(tokenizer, "llava_v0")
     with pytest.raises(ValueError, match="1 images but 0 image sizes"):
         _builder(tokenizer, "vicuna_v1")(MULTI_TURN, [])
+
+
+# -- labels against the original preprocess_* functions ---------------------------------------------
+
+ORIGINAL_TEMPLATES = ["vicuna_v1", "llava_v1", "mistral_instruct", "llava_llama_2"]
+DIGIT_REPLY = {
+    "id": "digits",
+    "image": "x.jpg",
+    "conversations": [
+        {"from": "gpt", "value": "A leading gpt turn is dropped."},
+        {"from": "human", "value": "How many stars?\n<image>"},
+        {"from": "gpt", "value": "3"},
+        {"from": "human", "value": "And circles?"},
+        {"from": "gpt", "value": " 12, maybe."},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def original_tokenizers(tmp_path_factory):
+    """(ours, transformers') for a tokenizer on which the original's label arithmetic holds: legacy (text
+    after </s> starts a word, as the original's rounds assume) with BOS, trained on the templates' text so
+    that role names are single pieces in and out of context. (On other tokenizers the original itself
+    warns "tokenization mismatch" and masks the whole example.)"""
+    from llava_jax.data import tiny_tokenizer
+    from llava_jax.data.tokenizer import load_tokenizer
+    from tests.test_conversation import original_prompt
+
+    lines = tiny_tokenizer.corpus(num_lines=400, seed=0)
+    for name in ORIGINAL_TEMPLATES:
+        for record in (MULTI_TURN, TEXT_ONLY, DIGIT_REPLY):
+            turns = record["conversations"][1:] if record is DIGIT_REPLY else record["conversations"]
+            messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+            prompt = original_prompt(name, messages, False)
+            lines += [prompt] * 20 + [p for p in prompt.split(conv_templates[name].sep2) if p] * 20
+    proto = tiny_tokenizer.train_sentencepiece(lines, vocab_size=1000, user_defined_symbols=("<|im_start|>", "<|im_end|>"))
+    directory = str(tmp_path_factory.mktemp("legacy-tokenizer"))
+    tiny_tokenizer.write_llava_hf_tokenizer(directory, proto, added_tokens=("<image>", "<pad>"), legacy=True)
+    return load_tokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def _original_example(name, record, reference_tokenizer, image_token_id):
+    """The original train.py: preprocess_multimodal then preprocess (-> preprocess_v1 / _llama_2 / _plain)
+    with default_conversation = the template; its one -200 per image expanded to NUM_IMAGE_TOKENS."""
+    import copy
+    import types
+
+    from tests.original_source import conversation_lib, train_functions
+
+    original = train_functions()
+    saved = conversation_lib.default_conversation
+    conversation_lib.default_conversation = conv_templates[name]
+    try:
+        sources = [copy.deepcopy(record["conversations"])]
+        has_image = "image" in record
+        if has_image:
+            data_args = types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=False)
+            sources = original.preprocess_multimodal(sources, data_args)
+        out = original.preprocess(sources, reference_tokenizer, has_image=has_image)
+    finally:
+        conversation_lib.default_conversation = saved
+    ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
+    assert any(label != IGNORE_INDEX for label in labels), "the original masked everything (tokenization mismatch)"
+    expand = NUM_IMAGE_TOKENS
+    return ([t for i in ids for t in ([image_token_id] * expand if i == -200 else [i])],
+            [t for i, label in zip(ids, labels) for t in ([IGNORE_INDEX] * expand if i == -200 else [label])])  # fmt: skip
+
+
+ORIGINAL_CASES = [(name, record) for name in ORIGINAL_TEMPLATES for record in (MULTI_TURN, TEXT_ONLY, DIGIT_REPLY)]
+
+
+@pytest.mark.parametrize("name,record", ORIGINAL_CASES + [("plain", CAPTION)],
+                         ids=[f"{n}-{r['id']}" for n, r in ORIGINAL_CASES] + ["plain-caption"])  # fmt: skip
+def test_input_ids_and_labels_are_the_original_preprocess(original_tokenizers, name, record):
+    """chatml_direct (preprocess_mpt) is not compared: its arithmetic fits Yi's tokenizer (no BOS, its own
+    merges) and on every tiny tokenizer tried the original masks the whole example."""
+    tokenizer, reference = original_tokenizers
+    image_id = tokenizer.token_to_id("<image>")
+    sizes = [(480, 640)] if "image" in record else []
+    example = _builder(tokenizer, name)(record, sizes)
+    ids, labels = _original_example(name, record, reference, image_id)
+    assert example["input_ids"].tolist() == ids
+    assert example["labels"].tolist() == labels

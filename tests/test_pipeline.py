@@ -259,6 +259,25 @@ def test_modality_grouping_follows_the_original_sampler():
     assert not np.array_equal(order, sampling.modality_grouped_order(signed, 8, hosts, sampling.epoch_rng(0, 1)))
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_modality_grouping_is_the_originals_given_the_same_random_draws(seed):
+    """The original get_modality_length_grouped_indices (llava_trainer.py, loaded from the wheel's source)
+    with its torch.randperm fed the permutations our generator draws, in the same order: identical orders
+    for mixed, image-only and text-only data, any batch size and host count."""
+    from tests.original_source import trainer_functions
+
+    r = np.random.default_rng(seed)
+    n, batch_size, hosts = int(r.integers(1, 60)), int(r.integers(1, 6)), int(r.integers(1, 4))
+    signs = [r.choice([-1, 1], n), np.ones(n, int), -np.ones(n, int)][seed % 3]
+    signed = r.integers(1, 40, n) * signs
+    ours = sampling.modality_grouped_order(signed, batch_size * hosts, hosts, sampling.epoch_rng(seed, 1))
+    draws = sampling.epoch_rng(seed, 1)
+    original = trainer_functions(randperm=draws.permutation).get_modality_length_grouped_indices(
+        signed.tolist(), batch_size, hosts
+    )
+    assert ours.tolist() == list(original)
+
+
 def test_modality_length_is_the_originals():
     record = {"image": "a.jpg", "conversations": [{"from": "human", "value": "a b  c"}, {"from": "gpt", "value": "d"}]}
     assert sampling.modality_length(record) == 4

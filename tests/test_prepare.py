@@ -201,7 +201,6 @@ def test_pipeline_without_tokenizer(tmp_path):
 
 
 def test_load_reads_the_checkpoints_tokenizer_and_prepares_like_llava_next_processor(next_model, hf_tokenizer, tmp_path):
-    pytest.importorskip("llava_jax.data.tokenizer")  # the tokenizer module lands from the data branch
     directory = R.save(next_model, str(tmp_path))
     hf_tokenizer.save_pretrained(directory)
     pipe = llava_jax.load(directory, dtype="float32")
@@ -212,7 +211,6 @@ def test_load_reads_the_checkpoints_tokenizer_and_prepares_like_llava_next_proce
 
 def test_load_reads_an_original_checkpoints_tokenizer_and_prepares_like_tokenizer_image_token(original_tokenizer,
                                                                                              tmp_path):  # fmt: skip
-    pytest.importorskip("llava_jax.data.tokenizer")
     from tests.original_reference import write_clip_dir, write_original
 
     hf_model = R.build_llava(R.llava_next_hf_config(text=dict(vocab_size=VOCAB)))

@@ -45,6 +45,7 @@ from llava_jax.checkpoints.hf import layer_norm, linear, patch_to_file, patch_to
 from llava_jax.checkpoints.params import Rule, transpose
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.errors import ConfigError, MissingInputError, UnsupportedError
 
 IMAGE_NEWLINE_KEYS = ("model.image_newline", "v.image_newline")
 POST_LN_KEYS = ("v.post_ln.weight", "v.post_ln.bias")
@@ -67,7 +68,7 @@ def find_pair(path: str, mmproj: str | None = None) -> tuple[str, str]:
     exactly one `mmproj*.gguf` and one other `.gguf`."""
     if os.path.isdir(path):
         if mmproj is not None:
-            raise ValueError(f"{path} is a directory; pass the language-model .gguf file as path with mmproj=")
+            raise ConfigError(f"{path} is a directory; pass the language-model .gguf file as path with mmproj=")
         files = sorted(glob.glob(os.path.join(path, "*.gguf")))
         projectors = [f for f in files if os.path.basename(f).startswith("mmproj")]
         models = [f for f in files if f not in projectors]
@@ -84,7 +85,7 @@ def find_pair(path: str, mmproj: str | None = None) -> tuple[str, str]:
             "mmproj=PATH/mmproj-*.gguf (infer.py: --mmproj), or put both files in one directory and pass that"
         )
     if not os.path.isfile(mmproj):
-        raise FileNotFoundError(f"mmproj file {mmproj} does not exist")
+        raise MissingInputError(f"mmproj file {mmproj} does not exist")
     return path, mmproj
 
 
@@ -164,6 +165,17 @@ class GGUFPair:
         source, file_key = self._where[key]
         return source.shape(file_key)
 
+    def read_quantized(self, key: str, spec) -> tuple[np.ndarray, np.ndarray] | None:
+        """See GGUFFile.read_quantized."""
+        if key in self._synthetic:
+            return None
+        source, file_key = self._where[key]
+        return source.read_quantized(file_key, spec)
+
+    def quant_type(self, key: str) -> str:
+        source, file_key = self._where[key]
+        return source.quant_type(file_key)
+
     def read(self, key: str) -> np.ndarray:
         if key in self._synthetic:
             return self._synthetic[key]
@@ -186,16 +198,16 @@ def text_config_from_gguf(f: GGUFFile, vocab_size: int, tied: bool, attention_bi
     head_dim = int(f.get("llama.attention.key_length", hidden // heads))
     rotary = int(f.get("llama.rope.dimension_count", head_dim))
     if rotary != head_dim:
-        raise NotImplementedError(f"{f.path}: partial RoPE (rope.dimension_count {rotary} < head_dim {head_dim}) "
+        raise UnsupportedError(f"{f.path}: partial RoPE (rope.dimension_count {rotary} < head_dim {head_dim}) "
                                   "is not supported")  # fmt: skip
     if "rope_freqs.weight" in f.keys():
-        raise NotImplementedError(f"{f.path} carries rope_freqs.weight (LLaMA-3 RoPE scaling), which is not supported")
+        raise UnsupportedError(f"{f.path} carries rope_freqs.weight (LLaMA-3 RoPE scaling), which is not supported")
     scaling = f.get("llama.rope.scaling.type", "none")
     factor = 1.0
     if scaling == "linear":
         factor = float(f.require("llama.rope.scaling.factor"))
     elif scaling != "none":
-        raise NotImplementedError(f"{f.path}: RoPE scaling {scaling!r} is not supported (only none and linear)")
+        raise UnsupportedError(f"{f.path}: RoPE scaling {scaling!r} is not supported (only none and linear)")
     if "llama.rope.scale_linear" in f.metadata:  # the older key
         factor = float(f.metadata["llama.rope.scale_linear"])
     window = f.get("llama.attention.sliding_window")
@@ -246,12 +258,12 @@ def _check_projector(f: GGUFFile) -> None:
     kind = f.get("clip.projector_type", "mlp")
     keys = set(f.keys())
     if kind != "mlp":
-        raise NotImplementedError(f"{f.path}: clip.projector_type {kind!r} is not supported; LLaVA's is 'mlp'")
+        raise UnsupportedError(f"{f.path}: clip.projector_type {kind!r} is not supported; LLaVA's is 'mlp'")
     if "mm.3.weight" in keys:
-        raise NotImplementedError(f"{f.path}: the 'mlp' projector with layer norms (mm.1, mm.3, mm.4: Yi-VL style) "
+        raise UnsupportedError(f"{f.path}: the 'mlp' projector with layer norms (mm.1, mm.3, mm.4: Yi-VL style) "
                                   "is not supported; LLaVA's is mm.0 -> GELU -> mm.2")  # fmt: skip
     if "mm.0.weight" in keys and "mm.2.weight" not in keys:
-        raise NotImplementedError(f"{f.path}: a one-layer projector (mm.0 without mm.2) is not supported; LLaVA's "
+        raise UnsupportedError(f"{f.path}: a one-layer projector (mm.0 without mm.2) is not supported; LLaVA's "
                                   "'mlp2x_gelu' is mm.0 -> GELU -> mm.2")  # fmt: skip
 
 
@@ -285,7 +297,7 @@ def config_from_gguf(pair: GGUFPair) -> LlavaConfig:
         raise CheckpointError(f"{mmproj.path}: image_aspect_ratio 'anyres' needs clip.vision.image_grid_pinpoints")
     merge = mmproj.get("clip.vision.mm_patch_merge_type", "flat") if aspect == "anyres" else "flat"
     if merge not in _MERGE_TYPES:
-        raise NotImplementedError(f"{mmproj.path}: mm_patch_merge_type {merge!r} is not supported ({_MERGE_TYPES})")
+        raise UnsupportedError(f"{mmproj.path}: mm_patch_merge_type {merge!r} is not supported ({_MERGE_TYPES})")
     return LlavaConfig(
         vision=vision,
         text=text_config,

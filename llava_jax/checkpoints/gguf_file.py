@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
-from llava_jax.checkpoints.safetensors_io import CheckpointError
+from llava_jax.checkpoints.gguf_header import check_gguf_header
+from llava_jax.errors import CheckpointError, MissingDependencyError, MissingInputError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -30,7 +32,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install -e '.[gguf]'") from None
+        raise MissingDependencyError("reading GGUF files needs the `gguf` package: pip install -e '.[gguf]'") from None
     return gguf
 
 
@@ -40,17 +42,19 @@ class GGUFFile:
     def __init__(self, path: str):
         self.path = path
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no GGUF file at {path}")
+            raise MissingInputError(f"no GGUF file at {path}")
         if not is_gguf(path):
             raise CheckpointError(f"{path} is not a GGUF file (it does not start with the bytes {GGUF_MAGIC!r})")
         gguf = _gguf()
+        check_gguf_header(path)  # counts and lengths against the file size, before gguf-py trusts them
         try:
             reader = gguf.GGUFReader(path, "r")
-        except (ValueError, OSError, IndexError) as e:
-            raise CheckpointError(f"{path} is not a valid GGUF file: {e}") from e
+            self.metadata: dict[str, Any] = {name: _value(field) for name, field in reader.fields.items()
+                                             if not name.startswith("GGUF.")}  # fmt: skip
+        except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:  # UnicodeDecodeError too
+            raise CheckpointError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e}); download or "
+                                  "convert it again") from e  # fmt: skip
         self._gguf = gguf
-        self.metadata: dict[str, Any] = {name: _value(field) for name, field in reader.fields.items()
-                                         if not name.startswith("GGUF.")}  # fmt: skip
         self._tensors = {t.name: t for t in reader.tensors}
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -72,6 +76,25 @@ class GGUFFile:
 
     def quant_type(self, key: str) -> str:
         return self._tensors[key].tensor_type.name
+
+    def read_quantized(self, key: str, spec) -> tuple[np.ndarray, np.ndarray] | None:
+        """A Q8_0 tensor as int8 32-blocks, a Q4_0 one as int4 32-blocks, when `spec` (a
+        llava_jax.quant.QuantSpec) asks for that format: (q [rows, cols], scale [rows, cols / 32]
+        float32) in numpy order with value = q * scale; else None. No float copy is made."""
+        tensor = self._tensors[key]
+        kind = (tensor.tensor_type.name, spec.bits, spec.block)
+        if kind not in (("Q8_0", 8, 32), ("Q4_0", 4, 32)):
+            return None
+        rows, cols = self.shape(key)
+        blocks = np.asarray(tensor.data).reshape(rows, cols // 32, -1)  # per block: f16 scale, then values
+        scale = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if spec.bits == 8:
+            q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+        else:  # 16 bytes: values 0-15 in the low nibbles, 16-31 in the high ones, offset by 8
+            packed = blocks[..., 2:]
+            q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.int8) - 8
+            q = q.reshape(rows, cols).astype(ml_dtypes.int4)
+        return q, scale
 
     def read(self, key: str) -> np.ndarray:
         """The tensor in numpy order, dequantized (F16, BF16, Q8_0, Q4_K, ...) to a new float32 array."""

@@ -36,6 +36,8 @@ from llava_jax.checkpoints.params import Rule
 from llava_jax.checkpoints.safetensors_io import CheckpointError
 from llava_jax.checkpoints.torch_bin import has_weights, open_weights
 from llava_jax.config import LlavaConfig, projector_depth, text_config_from_hf, vision_config_from_clip
+from llava_jax.errors import ConfigError, UnsupportedError
+from llava_jax.json_file import read_json_object
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 CLIP_PREFIX = "vision_model."  # a CLIPModel, or a CLIPVisionModel saved by transformers 4
@@ -56,13 +58,7 @@ def is_original_config(cfg: dict[str, Any]) -> bool:
 
 
 def read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return read_json_object(path, CheckpointError)
 
 
 def find_vision_tower(directory: str, cfg: dict[str, Any], vision_tower: str | None = None) -> str:
@@ -98,7 +94,7 @@ def _text_model_type(cfg: dict[str, Any]) -> str:
     for arch in architectures:
         if arch in _ARCHITECTURES:
             return _ARCHITECTURES[arch]
-    raise NotImplementedError(
+    raise UnsupportedError(
         f"original LLaVA model_type {model_type!r} (architectures {architectures}) is not supported; supported are "
         f"LLaMA/Vicuna/Yi (model_type llava, llava_llama) and Mistral (llava_mistral) text models"
     )
@@ -110,11 +106,11 @@ def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError) as e:
-            raise ValueError(f"image_grid_pinpoints {value!r} is not a list of (a, b) pairs") from e
+            raise ConfigError(f"image_grid_pinpoints {value!r} is not a list of (a, b) pairs") from e
     try:
         return tuple((int(a), int(b)) for a, b in value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"image_grid_pinpoints {value!r} is not a list of (a, b) pairs") from e
+        raise ConfigError(f"image_grid_pinpoints {value!r} is not a list of (a, b) pairs") from e
 
 
 def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **overrides) -> LlavaConfig:
@@ -126,34 +122,34 @@ def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **ove
     try:
         projector_depth(projector_type)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"mm_projector_type {projector_type!r} is not supported; the original LLaVA builds 'linear', "
             "'mlpNx_gelu' (e.g. 'mlp2x_gelu') and 'identity'"
         ) from None
     if "mm_vision_select_layer" not in cfg:
-        raise ValueError("config.json lacks mm_vision_select_layer (the CLIP hidden state LLaVA reads, e.g. -2)")
+        raise ConfigError("config.json lacks mm_vision_select_layer (the CLIP hidden state LLaVA reads, e.g. -2)")
     feature = cfg.get("mm_vision_select_feature", "patch")
     if feature not in SELECT_FEATURE:
-        raise ValueError(
+        raise ConfigError(
             f"mm_vision_select_feature {feature!r} is not supported; expected one of {list(SELECT_FEATURE)}"
         )
     aspect = cfg.get("image_aspect_ratio") or "square"  # the original: anything else is plain CLIP preprocessing
     if aspect not in ASPECT_RATIOS:
-        raise NotImplementedError(f"image_aspect_ratio {aspect!r} is not supported; expected one of {ASPECT_RATIOS}")
+        raise UnsupportedError(f"image_aspect_ratio {aspect!r} is not supported; expected one of {ASPECT_RATIOS}")
     merge = cfg.get("mm_patch_merge_type", "flat")
     if aspect == "anyres":
         if merge not in MERGE_TYPES:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"mm_patch_merge_type {merge!r} is not supported; the original LLaVA implements {MERGE_TYPES}"
             )
         if "image_grid_pinpoints" not in cfg:
-            raise ValueError("image_aspect_ratio 'anyres' needs image_grid_pinpoints in config.json")
+            raise ConfigError("image_aspect_ratio 'anyres' needs image_grid_pinpoints in config.json")
         pinpoints = _pinpoints(cfg["image_grid_pinpoints"])
     else:
         # One tile per image: the original's features are then flat whatever mm_patch_merge_type says.
         merge, pinpoints = "flat", None
     if merge != "flat" and feature != "patch":
-        raise ValueError(
+        raise ConfigError(
             f"mm_patch_merge_type {merge!r} needs mm_vision_select_feature 'patch' (the original asserts it)"
         )
     layer = cfg["mm_vision_select_layer"]
@@ -175,7 +171,7 @@ def config_from_original(cfg: dict[str, Any], clip_config: dict[str, Any], **ove
     config = LlavaConfig(**kwargs)
     mm_hidden = cfg.get("mm_hidden_size")
     if mm_hidden is not None and mm_hidden != config.projector_in_dim:
-        raise ValueError(
+        raise ConfigError(
             f"config.json has mm_hidden_size {mm_hidden} but the vision tower gives {config.projector_in_dim} "
             "features per patch; is vision_tower the CLIP model this checkpoint was trained with?"
         )
@@ -186,14 +182,19 @@ def original_rules(cfg: LlavaConfig) -> list[Rule]:
     """Every parameter of a LlavaModel for `cfg`, under the original module names."""
     rules = vision_rules(VISION_PREFIX)
     rules += decoder_rules(cfg, "model.", "lm_head.weight")
-    if cfg.projector_type == "linear":
-        rules += linear("projector.linears.0", "model.mm_projector", bias=True)
-    else:  # Sequential(Linear, GELU, Linear, ...): the linears sit at even indices
-        for i in range(projector_depth(cfg.projector_type)):
-            rules += linear(f"projector.linears.{i}", f"model.mm_projector.{2 * i}", bias=True)
+    rules += mm_projector_rules(cfg)
     if cfg.has_image_newline:
         rules.append(Rule("image_newline", "model.image_newline"))
     return rules
+
+
+def mm_projector_rules(cfg: LlavaConfig, prefix: str = "model.mm_projector") -> list[Rule]:
+    """The projector under the original's names: `prefix.{weight,bias}` for 'linear', else
+    Sequential(Linear, GELU, Linear, ...) with the linears at even indices `prefix.{0,2,..}.*`."""
+    if cfg.projector_type == "linear":
+        return linear("projector.linears.0", prefix, bias=True)
+    return [r for i in range(projector_depth(cfg.projector_type))
+            for r in linear(f"projector.linears.{i}", f"{prefix}.{2 * i}", bias=True)]  # fmt: skip
 
 
 def original_ignored(cfg: LlavaConfig) -> tuple[str, ...]:

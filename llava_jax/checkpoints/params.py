@@ -4,7 +4,8 @@ A format (llava-hf, original LLaVA, GGUF) describes itself as a list of `Rule`s:
 for stacked layers, which key per layer) fills which parameter path, and how the file's array is
 turned into ours. `read_params` then checks the file against the rules (missing, unexpected and
 mis-shaped tensors are reported by name) and builds each parameter, cast to the target dtype and
-placed on its devices before the next one is read.
+placed on its devices before the next one is read. On a mesh a parameter is built shard by shard
+(`build_array`): never whole on one device, and on many hosts never whole on one host.
 """
 
 from __future__ import annotations
@@ -108,12 +109,17 @@ def _read_one(source: TensorSource, key: str, rule: Rule, shape: tuple[int, ...]
 
 
 def read_params(rules: Iterable[Rule], abstract: nnx.State, source: TensorSource, *, dtype=None, shardings=None,
-                ignore: Iterable[str] = (), progress: bool = False) -> nnx.State:  # fmt: skip
+                ignore: Iterable[str] = (), progress: bool = False,
+                quantize: dict | None = None) -> nnx.State:  # fmt: skip
     """Fills an abstract state (from `nnx.eval_shape` + `nnx.split`) with the checkpoint's tensors.
 
     dtype: the parameter dtype (default: each abstract variable's). shardings: a state of
     NamedShardings (from `llava_jax.sharding.state_shardings`), or None for the default device.
+    quantize: {kernel path: llava_jax.quant.QuantSpec}: those kernels become `qvalue` and `scale`
+    (the state of `quant.quantize_model`), quantized one tensor at a time on the host, so no float
+    copy of them reaches the devices; shardings then is the quantized state's.
     """
+    quantize = quantize or {}
     rules = list(rules)
     check_coverage(rules, abstract, source, ignore)
     variables = flat_variables(abstract)
@@ -125,33 +131,93 @@ def read_params(rules: Iterable[Rule], abstract: nnx.State, source: TensorSource
     for path, var in variables.items():
         rule = by_path[path]
         shape, want = var.shape, np.dtype(dtype or var.dtype)
-        if rule.stacked:
-            value = np.empty(shape, want)
-            for i, key in enumerate(rule.keys(shape[0])):
-                value[i] = _read_one(source, key, rule, shape[1:], want)
-                bar.update()
-        else:
-            value = _read_one(source, rule.key, rule, shape, want)
+        if path in quantize:
+            base = path.rsplit(".", 1)[0]
+            keys = rule.keys(shape[0]) if rule.stacked else [rule.key]
+            q, scale = _read_quantized(source, keys, rule, shape, quantize[path], want, stacked=rule.stacked)
+            bar.update(len(keys))
+            for name, value in ((".qvalue", q), (".scale", scale)):  # whole on the host: quantized already
+                filled[base + name] = var.replace(build_array(value.shape, value.dtype, target.get(base + name),
+                                                              lambda _, value=value: value, stacked=False))
+            continue
+        keys = rule.keys(shape[0]) if rule.stacked else [rule.key]
+
+        def read(i, rule=rule, keys=keys, shape=shape, want=want):  # layer i, or the whole tensor for None
             bar.update()
-        filled[path] = var.replace(place(value, target.get(path)))
+            return _read_one(source, keys[i or 0], rule, shape[1:] if rule.stacked else shape, want)
+
+        filled[path] = var.replace(build_array(shape, want, target.get(path), read, stacked=rule.stacked))
     bar.close()
     return nnx.from_flat_state([(tuple(_key(p) for p in path.split(".")), v) for path, v in filled.items()])
+
+
+def _read_quantized(source, keys, rule: Rule, shape, spec, scale_dtype, *, stacked: bool):
+    """(qvalue, scale) host arrays of one kernel (all its layers when stacked): a tensor the file
+    stores in `spec`'s format as it is (`source.read_quantized`), any other read and quantized."""
+    from llava_jax.quant import quantize_array
+
+    direct = getattr(source, "read_quantized", None)
+    layer_shape = shape[1:] if stacked else shape
+    parts = []
+    for key in keys:
+        stored = direct(key, spec) if direct is not None else None
+        if stored is not None:  # the file's own integers and scales, in its [out, in] layout
+            q, scale = (rule.to_model(a) for a in stored)
+            if tuple(q.shape) != tuple(layer_shape):
+                _read_one(source, key, rule, layer_shape, np.float32)  # raises the shape error
+            parts.append((q, np.asarray(scale, scale_dtype)))
+        else:
+            parts.append(quantize_array(_read_one(source, key, rule, layer_shape, np.float32), spec, scale_dtype))
+    if not stacked:
+        return parts[0]
+    return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
 
 
 def _key(part: str):
     return int(part) if part.isdigit() else part
 
 
-def place(value: Array, sharding) -> jax.Array:
-    """Host array -> device array, laid out by `sharding`; each process supplies only its own shards.
+def build_array(shape: tuple[int, ...], dtype, sharding, read: Callable[[int | None], Array], *,
+                stacked: bool) -> jax.Array:  # fmt: skip
+    """A device array of `shape` laid out by `sharding` (None: the default device), built from the file
+    one shard at a time: this process holds only its own devices' shards (each once, however many
+    devices replicate it) plus the one file tensor being read, and reads only the layers they cover.
 
-    Blocks until the copy is done, so that the host array can be freed before the next is read.
+    read(i) returns layer i of a stacked parameter ([L, ...] from one file tensor per layer), read(None)
+    the whole of an unstacked one. Blocks until the copy is done, so that the host buffers can be freed
+    before the next parameter is read.
     """
     if sharding is None:
-        array = jax.device_put(value)
-    else:
-        array = jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        value = np.empty(shape, dtype) if stacked else read(None)
+        if stacked:
+            for i in range(shape[0]):
+                value[i] = read(i)
+        return jax.device_put(value).block_until_ready()
+    shards = host_shards(shape, dtype, sharding.addressable_devices_indices_map(shape).values(), read, stacked=stacked)
+    array = jax.make_array_from_callback(shape, sharding, lambda index: shards[_bounds(index, shape)])
     return array.block_until_ready()
+
+
+def host_shards(shape: tuple[int, ...], dtype, indices, read: Callable[[int | None], Array], *,
+                stacked: bool) -> dict[tuple, Array]:  # fmt: skip
+    """{bounds: host array} for the distinct shard `indices` (tuples of slices into `shape`), filled from
+    `read` as in `build_array`; bounds are ((start, stop), ...) per dimension."""
+    bounds = {_bounds(index, shape) for index in indices}
+    shards = {b: np.empty(tuple(stop - start for start, stop in b), dtype) for b in bounds}
+    if not stacked:
+        value = read(None)
+        return {b: np.ascontiguousarray(value[tuple(slice(*d) for d in b)]) for b in bounds}
+    for i in sorted({i for b in bounds for i in range(*b[0])}):
+        layer = read(i)
+        for b, shard in shards.items():
+            if b[0][0] <= i < b[0][1]:
+                shard[i - b[0][0]] = layer[tuple(slice(*d) for d in b[1:])]
+    return shards
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
 def write_params(rules: Iterable[Rule], state: nnx.State, dtype=None) -> Iterable[tuple[str, Array]]:

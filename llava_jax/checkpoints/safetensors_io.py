@@ -9,13 +9,16 @@ tensors being converted (a memory map would keep every page it touched resident)
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
 import ml_dtypes
 import numpy as np
 
+from llava_jax.atomic import atomic_file
 from llava_jax.errors import CheckpointError  # noqa: F401  (re-exported: readers import it from here)
+from llava_jax.json_file import read_json_object
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -23,6 +26,14 @@ DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }  # fmt: skip
 INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20  # as the safetensors package: a larger header is not read into memory
+
+
+MAX_DIMS, MAX_DIM = 8, 1 << 48  # far beyond any real tensor; keeps numpy's allocation checks out of reach
+
+
+def _is_count(value, limit: int = 1 << 63) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
 
 
 class SafetensorsFile:
@@ -37,20 +48,52 @@ class SafetensorsFile:
         size = os.fstat(self._fd).st_size
         try:
             (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {n} exceeds the file size {size} or the {MAX_HEADER_BYTES}-byte limit")
             header = json.loads(os.pread(self._fd, n, 8))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not a valid safetensors file (bad header): {e}") from e
-        header.pop("__metadata__", None)
+        except (struct.error, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
+            self.close()
+            raise CheckpointError(f"{path} is not a valid safetensors file (bad header: {e}); download it again") from None
         self._header, self._data_start = header, 8 + n
+        try:
+            self._check_header(size)
+        except CheckpointError:
+            self.close()
+            raise
+
+    def _check_header(self, size: int) -> None:
+        """Every entry {dtype, shape, data_offsets} well-formed and within the file (as the safetensors
+        package validates: offsets contiguous, not overlapping, covering the data)."""
+        header, path = self._header, self.path
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise CheckpointError(f"{path}: the safetensors __metadata__ is not an object")
+        spans = []
         for key, info in header.items():
-            start, end = info["data_offsets"]
-            if info["dtype"] not in DTYPES:
-                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-            expected = int(np.prod(info["shape"])) * np.dtype(DTYPES[info["dtype"]]).itemsize
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+                raise CheckpointError(f"{path}: tensor {key!r} lacks dtype, shape or data_offsets in the header")
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(dtype, str) or dtype not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}; known: {sorted(DTYPES)}")
+            if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d, MAX_DIM) for d in shape):
+                raise CheckpointError(f"{path}: tensor {key!r} has shape {shape!r}, not a list of at most {MAX_DIMS} "
+                                      "non-negative ints")  # fmt: skip
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+                raise CheckpointError(f"{path}: tensor {key!r} has data_offsets {offsets!r}, not two non-negative ints")
+            start, end = offsets
+            expected = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
             if end - start != expected or self._data_start + end > size:
-                raise CheckpointError(f"{path}: tensor {key} is truncated or corrupt (file is {size} bytes)")
+                raise CheckpointError(f"{path}: tensor {key!r} is truncated or corrupt (its data_offsets {offsets} "
+                                      f"do not hold shape {shape} of {dtype} in a file of {size} bytes)")  # fmt: skip
+            spans.append((start, end, key))
+        position = 0
+        for start, end, key in sorted(spans):
+            if start != position:
+                raise CheckpointError(f"{path}: tensor {key!r} starts at byte {start} of the data, expected {position} "
+                                      "(tensors overlap or leave gaps): the file is corrupt")  # fmt: skip
+            position = end
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -83,8 +126,11 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"checkpoint directory {directory} does not exist")
         index = os.path.join(directory, INDEX_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v == os.path.basename(v) and v for k, v in weight_map.items()
+            ):  # fmt: skip
+                raise CheckpointError(f"{index} has no weight_map object of tensor name -> file name in {directory}")
             names = sorted(set(weight_map.values()))
         else:
             names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
@@ -138,12 +184,10 @@ def write_safetensors(path: str, tensors, metadata: dict[str, str] | None = None
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned
-    partial = path + ".partial"
-    with open(partial, "wb") as f:
+    with atomic_file(path) as partial, open(partial, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for key, (shape, dtype, produce) in tensors.items():
-            array = np.ascontiguousarray(produce(), dtype=dtype)
+            array = np.asarray(produce(), dtype=dtype, order="C")  # (ascontiguousarray makes scalars [1])
             if array.shape != tuple(shape):
                 raise ValueError(f"tensor {key}: produced shape {array.shape}, declared {tuple(shape)}")
             f.write(array.tobytes())
-    os.replace(partial, path)

@@ -8,7 +8,6 @@ where their format allows, so a shard costs memory only for the tensors read fro
 
 from __future__ import annotations
 
-import json
 import os
 
 import ml_dtypes
@@ -16,6 +15,8 @@ import numpy as np
 
 from llava_jax.checkpoints.safetensors_io import INDEX_FILE as SAFETENSORS_INDEX
 from llava_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from llava_jax.errors import MissingDependencyError
+from llava_jax.json_file import read_json_object
 
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -25,7 +26,7 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             "reading PyTorch .bin weights needs torch: `pip install torch` (CPU is enough; it is in the [test] "
             "extra), or convert the weights to safetensors first"
         ) from None
@@ -47,8 +48,12 @@ class TorchBinCheckpoint:
     def __init__(self, directory: str):
         index = os.path.join(directory, BIN_INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                self._weight_map: dict[str, str] | None = json.load(f)["weight_map"]
+            self._weight_map: dict[str, str] | None = read_json_object(index).get("weight_map")
+            if not isinstance(self._weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v and v == os.path.basename(v)
+                for k, v in self._weight_map.items()
+            ):  # fmt: skip
+                raise CheckpointError(f"{index} has no weight_map object of tensor name -> file name")
             names = sorted(set(self._weight_map.values()))
         elif os.path.isfile(os.path.join(directory, BIN_FILE)):
             self._weight_map, names = None, [BIN_FILE]
@@ -61,6 +66,17 @@ class TorchBinCheckpoint:
         self._files: dict[str, dict] = {}
         if self._weight_map is None:
             self._weight_map = {key: BIN_FILE for key in self._load(BIN_FILE)}
+
+    @classmethod
+    def from_file(cls, path: str) -> "TorchBinCheckpoint":
+        """One .bin file of any name (e.g. the original LLaVA's mm_projector.bin)."""
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} does not exist")
+        self = cls.__new__(cls)
+        self.directory, name = os.path.split(os.path.abspath(path))
+        self._files = {}
+        self._weight_map = {key: name for key in self._load(name)}
+        return self
 
     def _load(self, name: str) -> dict:
         if name not in self._files:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from llava_jax.errors import InputError, UnknownNameError
+
 _VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -86,7 +88,7 @@ ALIASES = {"v1": "vicuna_v1", "mistral_direct": "chatml_direct", "v0_plain": "pl
 def get_template(name: str) -> Template:
     name = ALIASES.get(name, name)
     if name not in TEMPLATES:
-        raise KeyError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES) + sorted(ALIASES)}")
+        raise UnknownNameError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES) + sorted(ALIASES)}")
     return TEMPLATES[name]
 
 
@@ -113,7 +115,7 @@ def render_spans(name: str, messages: Sequence[dict], add_generation_prompt: boo
     system = template.system_format.format(template.system if system is None else system)
     if add_generation_prompt:
         if turns and turns[-1][0] == 1:
-            raise ValueError("add_generation_prompt=True after an assistant message; the next turn is the user's")
+            raise InputError("add_generation_prompt=True after an assistant message; the next turn is the user's")
         turns.append((1, None))
     return _RENDERERS[template.style](template, system, turns)
 
@@ -122,19 +124,23 @@ def _split_system(messages: Sequence[dict]) -> tuple[str | None, list[tuple[int,
     """(system prompt or None, [(0 for user / 1 for assistant, content)]), checking the roles alternate."""
     messages = list(messages)
     system = None
-    if messages and messages[0].get("role") == "system":
-        system = messages.pop(0)["content"]
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        system = messages.pop(0).get("content")
+        if not isinstance(system, str):
+            raise InputError(f"the system message's content must be a string, got {type(system).__name__}")
     turns = []
     for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InputError(f"message {i} is a {type(message).__name__}; messages are {{'role': ..., 'content': str}}")
         role = message.get("role")
         expected = ("user", "assistant")[i % 2]
         if role != expected:
-            raise ValueError(
+            raise InputError(
                 f"message {i} has role {role!r}, expected {expected!r}: after an optional leading system "
                 "message, user and assistant messages alternate, starting with the user"
             )
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i} content must be a string, got {type(message.get('content')).__name__}")
+            raise InputError(f"message {i} content must be a string, got {type(message.get('content')).__name__}")
         turns.append((i % 2, message["content"]))
     return system, turns
 
@@ -154,7 +160,7 @@ def _render_role_colon(t: Template, system: str, turns) -> list[Span]:
 
 def _render_llama_2(t: Template, system: str, turns) -> list[Span]:
     if not turns or not turns[0][1]:
-        raise ValueError(f"the {t.style} style needs a non-empty first user message (the original asserts it)")
+        raise InputError(f"the {t.style} style needs a non-empty first user message (the original asserts it)")
     spans = []
     for i, (who, content) in enumerate(turns):
         if not content:
@@ -186,7 +192,7 @@ def _render_plain(t: Template, system: str, turns) -> list[Span]:
     spans = [Span(system)]
     for who, content in turns:
         if content and who == 1:
-            raise ValueError(
+            raise InputError(
                 "the plain template renders no assistant turn (the original's sep2 is None); "
                 "pretraining examples are built as '<image>' + caption + '\\n' by examples.py"
             )

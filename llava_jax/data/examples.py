@@ -30,14 +30,20 @@ import numpy as np
 
 from llava_jax.data import conversation
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.errors import DataError, UnsupportedError
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _SUPPORTED_STYLES = ("two", "llama_2", "mpt", "plain")
+# The original's preprocess_v1 / preprocess_llama_2 mask each instruction up to its separator
+# ("ASSISTANT: ", "[/INST] ") minus the one token the separator's trailing space becomes when tokenized
+# alone: the space before a reply is supervised, so a token that is only that space ("▁" before a
+# digit, which LLaMA's tokenizer splits off) is learned too, as in the original.
+_SPACE_BEFORE_REPLY_STYLES = ("two", "llama_2")
 
 
-class BadRecord(ValueError):
+class BadRecord(DataError):
     """A record that cannot become a training example.
 
     `reason` is a short tag the pipeline counts by: malformed, empty_conversation, roles, no_reply,
@@ -144,7 +150,7 @@ class ExampleBuilder:
     def __post_init__(self):
         style = conversation.get_template(self.template).style
         if style not in _SUPPORTED_STYLES:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"training examples for template {self.template!r} ({style} style) are not supported; "
                 "use vicuna_v1, llava_v1, mistral_instruct, llava_llama_2, chatml_direct, mpt or plain"
             )
@@ -152,6 +158,8 @@ class ExampleBuilder:
             raise ValueError(f"overlong must be 'truncate' or 'skip', got {self.overlong!r}")
 
     def __call__(self, record: dict, image_sizes: Sequence[tuple[int, int]] = ()) -> dict[str, np.ndarray]:
+        if not isinstance(record, dict):
+            raise BadRecord("malformed", f"a record is a JSON object, got {type(record).__name__}")
         record_id = record.get("id")
         num_images = len(record_images(record))
         if len(image_sizes) != num_images:
@@ -167,8 +175,11 @@ class ExampleBuilder:
             )
         reply_chars = np.zeros(len(text), dtype=bool)
         start = 0
+        space_joins_reply = conversation.get_template(self.template).style in _SPACE_BEFORE_REPLY_STYLES
         for span in spans:
             reply_chars[start : start + len(span.text)] = span.is_reply
+            if span.is_reply and space_joins_reply and start > 0 and text[start - 1] == " ":
+                reply_chars[start - 1] = True  # see _SPACE_BEFORE_REPLY_STYLES
             start += len(span.text)
 
         ids: list[int] = []

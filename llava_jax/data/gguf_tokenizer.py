@@ -20,6 +20,7 @@ import tempfile
 from typing import Any
 
 from llava_jax.data.tokenizer import Tokenizer, load_tokenizer
+from llava_jax.errors import UnsupportedError
 
 _SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                 "pad_token": "padding_token_id"}  # fmt: skip
@@ -66,7 +67,7 @@ def write_tokenizer_files(metadata: dict[str, Any], directory: str, source: str 
     values) into `directory`; `load_tokenizer(directory)` then reads them."""
     model = metadata.get("tokenizer.ggml.model")
     if model != "llama":
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"{source}: tokenizer.ggml.model {model!r} is not supported; only 'llama' (SentencePiece, the LLaMA, "
             "Vicuna and Mistral tokenizers LLaVA uses) is"
         )

@@ -19,6 +19,8 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from llava_jax.errors import CheckpointError, ImageError, MissingInputError, UserError
+from llava_jax.json_file import read_json_object
 from llava_jax.model import anyres
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -30,8 +32,12 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
 ImageLike = Union[Image.Image, np.ndarray]
 
 
-class UnreadableImageError(ValueError):
-    """An image file (or bytes) that Pillow cannot decode."""
+class UnreadableImageError(ImageError):
+    """An image file (or bytes) that Pillow cannot decode, or one larger than Pillow's decompression-bomb limit."""
+
+
+class ImageNotFoundError(ImageError, FileNotFoundError):
+    """An image path that does not exist."""
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -54,7 +60,11 @@ def load_image(source: ImageSource) -> Image.Image:
         image.load()
         image = ImageOps.exif_transpose(image)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {name}; check the path") from None
+        raise ImageNotFoundError(f"image file not found: {name}; check the path") from None
+    except Image.DecompressionBombError as err:
+        raise UnreadableImageError(
+            f"cannot read image {name}: {err}; downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UnreadableImageError(
             f"cannot read image {name}: {err}; expected an image file Pillow can decode (PNG, JPEG, ...)"
@@ -283,16 +293,18 @@ class ImageProcessor:
         tower's directory for an original LLaVA checkpoint) and the model's LlavaConfig."""
         path = os.path.join(directory, "preprocessor_config.json") if os.path.isdir(directory) else directory
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no preprocessor_config.json at {os.fspath(path)!r}; for an original LLaVA checkpoint pass "
                 f"its CLIP vision tower directory, or use ImageProcessor.from_config(config)"
             )
+        preprocessor_config = read_json_object(os.fspath(path), CheckpointError)
         try:
-            with open(path) as f:
-                preprocessor_config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {err}") from err
-        return cls.from_config(config, preprocessor_config)
+            return cls.from_config(config, preprocessor_config)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:  # fields of the wrong type
+            if isinstance(e, UserError):
+                raise
+            raise CheckpointError(f"{os.fspath(path)}: a field is malformed ({type(e).__name__}: {e}); "
+                                  "fix it or take the file from the checkpoint's release") from e  # fmt: skip
 
     # -- derived sizes ---------------------------------------------------------------------------
 

@@ -18,16 +18,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from llava_jax.errors import ConfigError, InputError
 from llava_jax.model.anyres import num_image_tokens
 
 IMAGE_TAG = "<image>"
 
 
-class ImageCountError(ValueError):
+class ImageCountError(InputError):
     """The text's `<image>` tags and the images given do not pair up."""
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(InputError):
     """The prompt, image tokens included, is longer than the model was trained on."""
 
 
@@ -77,7 +78,7 @@ def prepare_inputs(text: str, images: Any = (), *, tokenizer, image_processor, c
     if not isinstance(text, str):
         raise TypeError(f"text must be one string, got {type(text).__name__}")
     if tokenizer is None:
-        raise ValueError("this Pipeline has no tokenizer (the checkpoint directory has no tokenizer files); "
+        raise ConfigError("this Pipeline has no tokenizer (the checkpoint directory has no tokenizer files); "
                          "pass tokenizer= to Pipeline")  # fmt: skip
     if not isinstance(images, (list, tuple)):
         images = [images]
@@ -91,17 +92,18 @@ def prepare_inputs(text: str, images: Any = (), *, tokenizer, image_processor, c
     counts: list[int] = []
     if images:
         if image_processor is None:
-            raise ValueError("this Pipeline has no image processor; pass image_processor= to Pipeline")
+            raise ConfigError("this Pipeline has no image processor; pass image_processor= to Pipeline")
         processed = image_processor(list(images))
         pixel_values, image_sizes = processed["pixel_values"], processed["image_sizes"]
         counts = [num_image_tokens(config, tuple(int(v) for v in size)) for size in image_sizes]
     encode = original_ids if config.semantics == "original" else hf_ids
     ids = encode(text, tokenizer, config.image_token_id, counts)
-    limit = config.model_max_length
-    if limit is not None and len(ids) > limit:
+    limit = config.prompt_limit
+    if len(ids) > limit:
+        what = ("the model was trained on (tokenizer_model_max_length; the original LLaVA would cut it silently)"
+                if config.model_max_length else "of the model's context (max_position_embeddings)")  # fmt: skip
         raise PromptTooLong(
-            f"the prompt is {len(ids)} tokens ({sum(counts)} of them image tokens), longer than the {limit} the "
-            "model was trained on (tokenizer_model_max_length; the original LLaVA would cut it silently); "
+            f"the prompt is {len(ids)} tokens ({sum(counts)} of them image tokens), longer than the {limit} {what}; "
             "shorten the text or pass fewer or smaller images"
         )
     input_ids = np.asarray([ids], np.int64)

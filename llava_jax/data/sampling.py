@@ -7,8 +7,10 @@ Grouping follows the original `group_by_modality_length` (llava_trainer.py): len
 positive for records with images and negative for text-only ones; each modality is shuffled, cut
 into megabatches of `batch_size * num_hosts`, sorted longest-first inside a megabatch and dealt into
 per-host batches of similar total length; megabatches of both modalities are then shuffled together,
-the two leftover partial megabatches merged into one mixed batch. With only one modality present it
-is plain length grouping (the original asserts that both exist).
+and the two leftover partial megabatches, merged and sorted by index, go last (up to two megabatches'
+worth less two: the batches after it take what is left). With only one modality present it
+is plain length grouping of the signed lengths, as the original does (so text-only data is
+ordered shortest first within a megabatch).
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ def modality_grouped_order(
     lengths = np.abs(signed_lengths)
     multimodal = np.flatnonzero(signed_lengths > 0)
     text_only = np.flatnonzero(signed_lengths < 0)
-    if len(multimodal) == 0 or len(text_only) == 0:
-        return length_grouped_order(lengths, megabatch, num_chunks, rng)
+    if len(multimodal) == 0 or len(text_only) == 0:  # as the original: the signed lengths (text-only: shortest first)
+        return length_grouped_order(signed_lengths, megabatch, num_chunks, rng)
     groups = []
     for members in (multimodal, text_only):
         order = members[length_grouped_order(lengths[members], megabatch, num_chunks, rng)]
@@ -80,13 +82,8 @@ def modality_grouped_order(
     (*mm_full, mm_last), (*text_full, text_last) = groups
     megabatches = mm_full + text_full
     megabatches = [megabatches[i] for i in rng.permutation(len(megabatches))]
-    leftover = np.concatenate([mm_last, text_last])
-    if len(leftover) >= megabatch:
-        megabatches.insert(0, leftover[:megabatch])
-        leftover = leftover[megabatch:]
-    if len(leftover):
-        megabatches.append(leftover)
-    return np.concatenate(megabatches).astype(np.int64)
+    leftover = np.sort(np.concatenate([mm_last, text_last]))  # the original sorts it by index and puts it last
+    return np.concatenate([*megabatches, leftover]).astype(np.int64)
 
 
 def host_batches(

@@ -32,7 +32,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from llava_jax.errors import CheckpointError, MissingInputError, UnsupportedError, UserError
+from llava_jax.json_file import read_json_object
 
 _LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 _GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
@@ -123,6 +126,18 @@ class Tokenizer:
         text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
 
+    def to_json(self) -> str:
+        """This tokenizer as a `tokenizer.json` (BOS/EOS added by its post-processor), which transformers'
+        `TokenizersBackend` runs as written: exported checkpoints carry it so that transformers gives these ids."""
+        backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+        names = [self._backend.id_to_token(i) for i in (*self._prefix_ids, *self._suffix_ids)]
+        prefix, suffix = names[: len(self._prefix_ids)], names[len(self._prefix_ids) :]
+        backend.post_processor = processors.TemplateProcessing(
+            single=[*prefix, "$A", *suffix], pair=[*prefix, "$A", *suffix, *prefix, "$B:1", *suffix],
+            special_tokens=[(n, self._backend.token_to_id(n)) for n in dict.fromkeys(names)],
+        )  # fmt: skip
+        return backend.to_str()
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
@@ -131,9 +146,21 @@ class Tokenizer:
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-    """The tokenizer of a checkpoint directory (llava-hf, original LLaVA, or a bare tokenizer.json)."""
+    """The tokenizer of a checkpoint directory (llava-hf, original LLaVA, or a bare tokenizer.json).
+
+    Damaged tokenizer files raise CheckpointError naming the directory."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist")
+        raise MissingInputError(f"tokenizer directory {directory!r} does not exist")
+    try:
+        return _load_tokenizer(directory)
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, OSError, RuntimeError) as e:  # a file's content is wrong
+        raise CheckpointError(f"cannot read the tokenizer files in {directory} ({type(e).__name__}: {e}); "
+                              "take them from the checkpoint's release again") from e  # fmt: skip
+
+
+def _load_tokenizer(directory: str) -> Tokenizer:
     files = _TokenizerFiles(directory)
     config = files.config
     tokenizer_class = config.get("tokenizer_class")
@@ -141,9 +168,12 @@ def load_tokenizer(directory: str) -> Tokenizer:
     if is_llama:
         backend, sp_tokens = _llama_backend(files, config)
     elif files.has_json and (tokenizer_class is None or tokenizer_class in _GENERIC_CLASSES):
-        backend, sp_tokens = tokenizers.Tokenizer.from_file(files.path("tokenizer.json")), []
+        try:
+            backend, sp_tokens = tokenizers.Tokenizer.from_file(files.path("tokenizer.json")), []
+        except Exception as e:  # noqa: BLE001 (the tokenizers library raises plain Exceptions on a bad file)
+            raise CheckpointError(f"{files.path('tokenizer.json')} is not a tokenizer file tokenizers can read: {e}") from e
     else:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"{directory}: tokenizer_class {tokenizer_class!r} is not supported; supported are "
             f"{_LLAMA_CLASSES + _GENERIC_CLASSES} (LLaVA's LLaMA, Vicuna, Mistral and Yi tokenizers), "
             "or a directory with tokenizer.json and no tokenizer_class"
@@ -166,7 +196,7 @@ class _TokenizerFiles:
         self.has_model = os.path.isfile(self.path("tokenizer.model"))
         self.has_json = os.path.isfile(self.path("tokenizer.json"))
         if not (self.has_model or self.has_json):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{directory} has neither tokenizer.model nor tokenizer.json; point at the checkpoint directory "
                 "that holds the tokenizer files"
             )
@@ -180,8 +210,7 @@ class _TokenizerFiles:
         """The parsed file, or None where the directory lacks it (each file is parsed once)."""
         if name not in self._parsed:
             if os.path.isfile(self.path(name)):
-                with open(self.path(name), encoding="utf-8") as f:
-                    self._parsed[name] = json.load(f)
+                self._parsed[name] = read_json_object(self.path(name), CheckpointError)
             else:
                 self._parsed[name] = None
         return self._parsed[name]
@@ -193,7 +222,7 @@ def _llama_backend(files: _TokenizerFiles, config: dict) -> tuple[tokenizers.Tok
     if files.has_json:
         model = files.read_json("tokenizer.json")["model"]
         if model.get("type") != "BPE":
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"{files.directory}/tokenizer.json: model type {model.get('type')!r}, expected BPE"
             )
         vocab = model["vocab"]
@@ -222,11 +251,16 @@ def _read_sentencepiece_bpe(path: str) -> tuple[dict[str, int], list[tuple[str, 
     """Vocabulary, BPE merges and control/user-defined pieces of a sentencepiece BPE model."""
     from sentencepiece import sentencepiece_model_pb2
 
+    from google.protobuf.message import DecodeError
+
     proto = sentencepiece_model_pb2.ModelProto()
     with open(path, "rb") as f:
-        proto.ParseFromString(f.read())
+        try:
+            proto.ParseFromString(f.read())
+        except DecodeError as e:
+            raise CheckpointError(f"{path} is not a sentencepiece model ({e}); take it from the release again") from e
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise NotImplementedError(f"{path}: only sentencepiece BPE models (LLaMA family) are supported")
+        raise UnsupportedError(f"{path}: only sentencepiece BPE models (LLaMA family) are supported")
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     added = [
         tokenizers.AddedToken(piece.piece, normalized=False, special=piece.type == _SP_CONTROL)

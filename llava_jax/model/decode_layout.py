@@ -15,6 +15,9 @@ was measured on XLA:CPU (bench/decode.py), where the defaults move two to three 
 - RoPE cos/sin come from a table: computed in the graph, XLA fuses them into their consumers and
   evaluates them for every element of q and k.
 - A long prompt attends block-causally (`attention`), skipping 3/8 of its scores.
+- Quantized kernels (llava_jax.quant) become `quant.Int8Weight`s, int8 per output channel: decoding
+  runs int8 x int8 products (`quant.int8_product`), the one fast quantized product on XLA:CPU;
+  prefill dequantizes each weight once and runs the float product.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llava_jax import quant
 from llava_jax.config import TextConfig
 from llava_jax.model.decoder import apply_rope, attention_mask, rope_tables
 from llava_jax.model.layers import activation
@@ -51,17 +55,16 @@ def decode_params(decoder: dict, cfg: TextConfig) -> dict:
     """
     layers = decoder["layers"]
     attn, mlp = layers["attn"], layers["mlp"]
-    out_in = lambda kernel: jnp.swapaxes(kernel, 1, 2)  # [L, in, out] -> [L, out, in]
 
     @jax.jit
     def build(attn, mlp, input_norm, post_attn_norm, lm_head):
         stacked = {
             "attn_norm": input_norm,
             "mlp_norm": post_attn_norm,
-            "qkv": jnp.concatenate([out_in(attn[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj")], axis=1),
-            "o": out_in(attn["o_proj"]["kernel"]),
-            "gate_up": jnp.concatenate([out_in(mlp[n]["kernel"]) for n in ("gate_proj", "up_proj")], axis=1),
-            "down": out_in(mlp["down_proj"]["kernel"]),
+            "qkv": _out_in([attn[n] for n in ("q_proj", "k_proj", "v_proj")]),
+            "o": _out_in([attn["o_proj"]]),
+            "gate_up": _out_in([mlp[n] for n in ("gate_proj", "up_proj")]),
+            "down": _out_in([mlp["down_proj"]]),
         }
         if cfg.attention_bias:
             stacked["qkv_bias"] = jnp.concatenate([attn[n]["bias"] for n in ("q_proj", "k_proj", "v_proj")], axis=1)
@@ -69,8 +72,9 @@ def decode_params(decoder: dict, cfg: TextConfig) -> dict:
         if cfg.mlp_bias:
             stacked["gate_up_bias"] = jnp.concatenate([mlp[n]["bias"] for n in ("gate_proj", "up_proj")], axis=1)
             stacked["down_bias"] = mlp["down_proj"]["bias"]
-        per_layer = [{k: v[i] for k, v in stacked.items()} for i in range(cfg.num_layers)]
-        head = None if lm_head is None else lm_head["kernel"].T
+        per_layer = [{k: jax.tree.map(lambda a: a[i], v) for k, v in stacked.items()} for i in range(cfg.num_layers)]
+        head = None if lm_head is None else jax.tree.map(lambda a: a[0], _out_in([jax.tree.map(lambda a: a[None],
+                                                                                              lm_head)]))  # fmt: skip
         return per_layer, head
 
     lm_head = None if cfg.tie_word_embeddings else decoder["lm_head"]
@@ -87,11 +91,23 @@ def decode_params(decoder: dict, cfg: TextConfig) -> dict:
     return {"embed": embed, "norm": decoder["norm"]["scale"], "head": head, "layers": per_layer, "rope": rope}
 
 
+def _out_in(linears: list[dict]):
+    """Stacked kernels [L, in, out] of linears that share an input -> one [L, sum(out), in] weight.
+    Quantized ones (and their float partners) become a quant.Int8Weight (per-channel int8)."""
+    if not any("qvalue" in p for p in linears):
+        return jnp.concatenate([jnp.swapaxes(p["kernel"], 1, 2) for p in linears], axis=1)
+    parts = [quant.per_channel_int8(p["qvalue"], p["scale"]) if "qvalue" in p
+             else quant.per_channel_int8(*quant.quantize_array(p["kernel"], quant.QuantSpec(8), jnp.float32, xp=jnp))
+             for p in linears]  # fmt: skip
+    return quant.Int8Weight(jnp.concatenate([jnp.swapaxes(q, 1, 2) for q, _ in parts], axis=1),
+                            jnp.concatenate([s for _, s in parts], axis=1))  # fmt: skip
+
+
 def embed_lookup(params: dict, ids: jax.Array) -> jax.Array:
     """Embedding rows at ids [...] -> [..., D] in the embedding's dtype."""
     rows = jnp.take(params["embed"], ids, axis=0)
     if rows.dtype == jnp.uint16:
-        rows = jax.lax.bitcast_convert_type(rows, params["head"].dtype)
+        rows = jax.lax.bitcast_convert_type(rows, params["norm"].dtype)
     return rows
 
 
@@ -104,6 +120,12 @@ def product(w: jax.Array, x: jax.Array, *, pad_columns: bool = False) -> jax.Arr
     weights. Many rows (prefill) run as X @ W^T, the faster orientation for large products.
     """
     n = x.shape[0]
+    if isinstance(w, quant.Int8Weight):
+        if n <= DECODE_ROWS:
+            return quant.int8_product(w.q, w.scale, x, few_rows=DECODE_ROWS)
+        # Prefill is compute-bound: the weight dequantized once beats twice the rows in int8.
+        w = w.q.astype(x.dtype) * w.scale[:, None].astype(x.dtype)
+        return jnp.einsum("nd,fd->nf", x, w, preferred_element_type=jnp.float32)
     x = x.astype(w.dtype)
     if n > DECODE_ROWS:
         return jnp.einsum("nd,fd->nf", x, w, preferred_element_type=jnp.float32)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_jax.config import TextConfig
-from llava_jax.model.layers import Linear, RMSNorm, activation, dot_product_attention, param, scan_layers, stack_layers
+from llava_jax.model.attention import Mask, attend
+from llava_jax.model.layers import Linear, RMSNorm, activation, param, scan_layers, stack_layers
 from llava_jax.sharding import constrain
 
 
@@ -55,14 +56,11 @@ def attention_mask(q_slots: jax.Array, k_slots: jax.Array, kv_valid: jax.Array, 
 
     q_slots: [T]; k_slots: [S]; kv_valid: [B, S] (the attention mask over keys).
     """
-    mask = k_slots[None, :] <= q_slots[:, None]
-    if sliding_window is not None:
-        mask &= k_slots[None, :] > q_slots[:, None] - sliding_window
-    return mask[None] & kv_valid[:, None, :].astype(bool)
+    return Mask(q_slots, k_slots, kv_valid, sliding_window=sliding_window).dense()
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype, attention: str = "xla"):
         d, hd = cfg.hidden_size, cfg.head_dim
         kw = dict(bias=cfg.attention_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
@@ -70,8 +68,9 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
         self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.attention = attention
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, layer=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask: Mask, cache: KVCache | None = None, layer=None, cache_index=None):
         """x: [B, T, D] -> [B, T, D]. With a cache, this layer's new keys and values are written at
         slots [cache_index, cache_index + T) of cache[layer] and attention reads the whole cache."""
         b, t, _ = x.shape
@@ -84,7 +83,7 @@ class Attention(nnx.Module):
             cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
                             jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))  # fmt: skip
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask, self.head_dim**-0.5)
+        out = attend(q, k, v, mask, self.head_dim**-0.5, self.attention)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -104,9 +103,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype, attention: str = "xla"):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -118,15 +117,19 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Token embedding, stacked decoder layers (scanned), final norm and LM head."""
+    """Token embedding, stacked decoder layers (scanned), final norm and LM head.
+
+    `attention` names the kernel (llava_jax.model.attention); `remat` the rematerialisation policy of
+    the scanned layers (a name of `layers.REMAT_POLICIES`).
+    """
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False):  # fmt: skip
+                 remat: str | bool = "none", attention: str = "xla"):  # fmt: skip
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
         self.embed = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
                            ("vocab", "embed"), param_dtype)  # fmt: skip
-        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
-                                   cfg.num_layers, rngs)  # fmt: skip
+        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype,
+                                                          attention=attention), cfg.num_layers, rngs)  # fmt: skip
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.lm_head = nnx.data(None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, dtype=dtype,
@@ -137,18 +140,21 @@ class Decoder(nnx.Module):
         return jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_valid: jax.Array, cache: KVCache | None = None,
-                 cache_index: jax.Array | int = 0):  # fmt: skip
+                 cache_index: jax.Array | int = 0, segment_ids: jax.Array | None = None):  # fmt: skip
         """Runs the layers on embeddings and returns the final-normed hidden states and the cache.
 
         x: [B, T, D]; positions: [B, T] (RoPE); kv_valid: [B, S] which keys may be attended, where
         S = T without a cache and S = cache.length with one (then the T tokens go to slots
-        [cache_index, cache_index + T)). Returns ([B, T, D], cache or None).
+        [cache_index, cache_index + T)). segment_ids: [B, T] (no cache): packed samples, a token
+        attends only to tokens of its own segment. Returns ([B, T, D], cache or None).
         """
         cfg = self.cfg
         t = x.shape[1]
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) are for whole sequences, not with a KV cache")
         q_slots = cache_index + jnp.arange(t)
         k_slots = jnp.arange(cache.length if cache is not None else t)
-        mask = attention_mask(q_slots, k_slots, kv_valid, cfg.sliding_window)
+        mask = Mask(q_slots, k_slots, kv_valid, segment_ids, segment_ids, sliding_window=cfg.sliding_window)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
         x = constrain(x, ("batch", None, None))
 

@@ -84,26 +84,6 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          scale: float) -> jax.Array:  # fmt: skip
-    """Grouped-query attention, softmax in float32.
-
-    q: [B, T, H, hd]; k, v: [B, S, K, hd] with H a multiple of K; mask: [B, T, S] bool (True = may
-    attend) or None. Returns [B, T, H, hd] in q's dtype.
-    """
-    b, t, h, hd = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        # A finite floor rather than -inf: a fully masked row (a padding query) gives a uniform
-        # average instead of NaN; such rows are never read.
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
-
-
 def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs):
     """Creates `num_layers` copies of a layer module with parameters stacked on a leading 'layers' axis."""
 
@@ -115,13 +95,32 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs):
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, body, carry, xs=None, *, length: int | None = None, remat: bool = False):
+# Rematerialisation of each scanned layer, by name: what the backward pass keeps from the forward.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (no rematerialisation)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),  # as "dots",
+    # held in host memory between the passes
+}
+
+
+def remat_policy(remat: str | bool):
+    """The name (or a bool: True = "full") -> (whether to checkpoint, policy)."""
+    name = ("full" if remat else "none") if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    return name != "none", REMAT_POLICIES[name]
+
+
+def scan_layers(layers: nnx.Module, body, carry, xs=None, *, length: int | None = None,
+                remat: str | bool = "none"):  # fmt: skip
     """Runs `body(layer, carry, x) -> (carry, y)` over stacked layers with `jax.lax.scan`.
 
     The layers' state is split once and each step merges one layer's slice back into a module, so the
     traced program holds one layer however deep the stack. `length` runs only the first `length`
     layers; the step indexes the stacked state itself (slicing off the first `length` layers up
-    front would copy all their parameters).
+    front would copy all their parameters). `remat` names a policy of REMAT_POLICIES.
     """
     graphdef, state = nnx.split(layers)
     if length is None:
@@ -132,6 +131,7 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, length: int | None 
         layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
-    if remat:
-        step = jax.checkpoint(step, prevent_cse=False)
+    checkpoint, policy = remat_policy(remat)
+    if checkpoint:  # see REMAT_POLICIES
+        step = jax.checkpoint(step, prevent_cse=False, policy=policy)
     return jax.lax.scan(step, carry, (jnp.arange(length), xs), length=length)

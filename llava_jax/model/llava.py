@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
+from llava_jax.errors import InputError
 from llava_jax.model import anyres, anyres_merge
 from llava_jax.model.decoder import Decoder, KVCache
 from llava_jax.model.layers import param
@@ -20,7 +21,7 @@ from llava_jax.model.projector import Projector
 from llava_jax.model.vision import VisionTower
 
 
-class ImageTokenMismatch(ValueError):
+class ImageTokenMismatch(InputError):
     """The number of image tokens in input_ids differs from the number of image features."""
 
 
@@ -63,13 +64,14 @@ class LlavaModel(nnx.Module):
     'spatial_unpad' merge.
     """
 
-    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs, remat: str | bool = "none"):
         self.cfg = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.vision = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.vision = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=cfg.attention)
         self.projector = Projector(cfg.projector_type, cfg.projector_in_dim, cfg.text.hidden_size,
                                    bias=cfg.projector_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)  # fmt: skip
-        self.decoder = Decoder(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        self.decoder = Decoder(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                               attention=cfg.attention)  # fmt: skip
         d = cfg.text.hidden_size
         self.image_newline = nnx.data(
             param(rngs, nnx.initializers.normal(d**-0.5), (d,), ("embed",), param_dtype)
@@ -127,12 +129,13 @@ class LlavaModel(nnx.Module):
         return scatter_image_features(embeds, is_image, image_features)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, attention_mask=None,
-                 image_sizes=None, positions=None, feature_index=None) -> jax.Array:  # fmt: skip
+                 image_sizes=None, positions=None, feature_index=None, segment_ids=None) -> jax.Array:  # fmt: skip
         """Logits of a whole sequence (no cache).
 
         input_ids: [B, T] int; pixel_values: [N, C, H, W] (or the NeXT layout [N, P, C, H, W] with
         image_sizes or feature_index, see `image_features`); attention_mask: [B, T] (1 = token,
-        0 = padding); positions: [B, T], default 0..T-1 as transformers uses without a cache.
+        0 = padding); positions: [B, T], default 0..T-1 as transformers uses without a cache;
+        segment_ids: [B, T] for packed rows (llava_jax.data.packing): attention stays within a segment.
         Returns float32 logits [B, T, V].
         """
         b, t = input_ids.shape
@@ -147,7 +150,7 @@ class LlavaModel(nnx.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        hidden, _ = self.decoder(x, positions, attention_mask)
+        hidden, _ = self.decoder(x, positions, attention_mask, segment_ids=segment_ids)
         return self.decoder.logits(hidden)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:

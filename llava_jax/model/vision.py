@@ -7,25 +7,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_jax.config import VisionConfig
-from llava_jax.model.layers import LayerNorm, Linear, activation, dot_product_attention, param, scan_layers, stack_layers
+from llava_jax.model.attention import attend
+from llava_jax.model.layers import LayerNorm, Linear, activation, param, scan_layers, stack_layers
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, attention: str = "xla"):
         d = cfg.hidden_size
         kw = dict(bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Linear(d, d, ("embed", "heads"), **kw)
         self.k_proj = Linear(d, d, ("embed", "heads"), **kw)
         self.v_proj = Linear(d, d, ("embed", "heads"), **kw)
         self.o_proj = Linear(d, d, ("heads", "embed"), **kw)
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.num_heads, self.head_dim, self.attention = cfg.num_heads, cfg.head_dim, attention
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [N, P, D] -> [N, P, D]; every patch attends to every patch."""
         n, p, _ = x.shape
         split = lambda y: y.reshape(n, p, self.num_heads, self.head_dim)
-        out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                                    None, self.head_dim**-0.5)  # fmt: skip
+        out = attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), None, self.head_dim**-0.5,
+                     self.attention)  # fmt: skip
         return self.o_proj(out.reshape(n, p, -1))
 
 
@@ -43,9 +44,9 @@ class VisionMLP(nnx.Module):
 class VisionLayer(nnx.Module):
     """Pre-norm transformer encoder layer."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, attention: str = "xla"):
         self.norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
-        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
         self.norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.mlp = VisionMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -57,10 +58,12 @@ class VisionLayer(nnx.Module):
 class VisionTower(nnx.Module):
     """CLIP ViT: patch conv, class and position embeddings, pre-layernorm, stacked encoder layers.
 
-    `post_norm` is part of the checkpoint but LLaVA reads hidden states before it.
+    `post_norm` is part of the checkpoint but LLaVA reads hidden states before it. `attention` names the
+    kernel (llava_jax.model.attention).
     """
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention: str = "xla"):  # fmt: skip
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
         self.cfg, self.dtype = cfg, dtype
         self.patch_embed = param(rngs, nnx.initializers.lecun_normal(), (p, p, c, d),
@@ -68,8 +71,8 @@ class VisionTower(nnx.Module):
         self.class_embed = param(rngs, nnx.initializers.normal(d**-0.5), (d,), ("embed",), param_dtype)
         self.pos_embed = param(rngs, nnx.initializers.normal(0.02), (cfg.num_patches + 1, d), (None, "embed"), param_dtype)
         self.pre_norm = LayerNorm(d, cfg.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
-        self.layers = stack_layers(lambda r: VisionLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
-                                   cfg.num_layers, rngs)  # fmt: skip
+        self.layers = stack_layers(lambda r: VisionLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype,
+                                                         attention=attention), cfg.num_layers, rngs)  # fmt: skip
         self.post_norm = LayerNorm(d, cfg.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
 
     def embed(self, pixel_values: jax.Array) -> jax.Array:

@@ -1,0 +1,67 @@
+"""A tiny LLaVA learns to see, from scratch, on this CPU: both stages, then held-out questions.
+
+    python train.py --config configs/demo.py --workdir runs/demo
+
+Before training, `llava_jax.demo.prepare` writes the synthetic shapes data (`llava_jax.data.synthetic`:
+48 px images, one shape per 16 px cell) and a tokenizer trained on it into the workdir, unless they are
+there. Stage 1 ("pretrain", plain template) trains every parameter on captions; stage 2 ("finetune",
+mistral_instruct, no system prompt to keep examples short) on one-word answers about colour, shape,
+count and position. Afterwards `llava_jax.demo.evaluate` asks the held-out questions with the real image
+and with a blank one; the summary's "evaluation" holds the accuracies.
+"""
+
+import ml_collections
+
+NUM_IMAGES = 4000
+BATCH = 32
+TEMPLATE = "mistral_instruct"
+
+
+def model():
+    return dict(
+        # ViT: 48 px images, 16 px patches -> 9 image tokens (+ CLS, dropped by "default")
+        vision=dict(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, image_size=48, patch_size=16,
+                    hidden_act="gelu"),
+        # the demo tokenizer has 448 pieces + <image> (448) and <pad> (449); the table is padded to 512
+        text=dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=4,
+                  head_dim=32, max_position_embeddings=256),
+        projector_type="mlp2x_gelu", vision_feature_layer=-2, image_token_id=448, image_aspect_ratio="square",
+    )  # fmt: skip
+
+
+def stage(init_kind, template, max_length, epochs, lr):
+    return dict(
+        init=dict(kind=init_kind, path="", tokenizer="", vision_tower="", language_model="", mm_projector=""),
+        model=model() if init_kind == "scratch" else {},
+        data=dict(files="", image_folder="", template=template, max_length=max_length, length_buckets=(max_length,),
+                  image_aspect_ratio="", group_by_modality_length=False, num_workers=0, max_images_per_example=1),
+        global_batch_size=BATCH, per_device_batch_size=0, epochs=epochs,
+        trainable=((".*", lr),),  # vision tower included: it starts from nothing
+        warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0,
+        lora=dict(rank=0, alpha=16.0, dropout=0.0, target="", lr=0.0),
+    )  # fmt: skip
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.max_steps = -1  # -1: no cap
+    c.log_every = 25
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 1
+    c.max_nonfinite_in_a_row = 3
+    c.compute_dtype = "float32"
+    c.param_dtype = "float32"
+    c.remat = "none"
+    c.mfu_peak_tflops = 0.0
+    c.progress = True
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    c.prepare = "llava_jax.demo:prepare"
+    c.evaluate = "llava_jax.demo:evaluate"
+    c.demo = ml_collections.ConfigDict(dict(num_images=NUM_IMAGES, num_heldout=400, template=TEMPLATE,
+                                            eval_batch_size=200))  # fmt: skip
+    c.stage_order = ("pretrain", "finetune")
+    c.stages = ml_collections.ConfigDict()
+    c.stages.pretrain = ml_collections.ConfigDict(stage("scratch", "plain", 40, 6, 2e-3))
+    c.stages.finetune = ml_collections.ConfigDict(stage("previous", TEMPLATE, 64, 8, 2e-3))
+    return c
