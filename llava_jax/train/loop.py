@@ -160,7 +160,7 @@ class StageRun:
             config, params = run_dir.read_stage(self.directory).config, None
         info = run_dir.read_stage(self.directory)
         model_config = config.replace(dtype=compute, param_dtype=param_dtype)
-        remat = str(cfg.get("remat", "none")) != "none"
+        remat = str(cfg.get("remat", "none"))  # a policy name of llava_jax.model.layers.REMAT_POLICIES
         tokenizer = self._tokenizer(info.side_dir)
         dataset, geometry, total = self._data(model_config, tokenizer)
 

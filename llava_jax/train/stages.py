@@ -3,7 +3,7 @@
 Config layout (see configs/ for complete files):
 
     seed, max_steps (-1: no cap), log_every, checkpoint_every, keep_checkpoints, max_nonfinite_in_a_row,
-    compute_dtype, param_dtype (float32: master weights), remat ("none" | "full"), mfu_peak_tflops,
+    compute_dtype, param_dtype (float32: master weights), remat (a policy of model.layers.REMAT_POLICIES), mfu_peak_tflops,
     mesh.data, mesh.fsdp, mesh.tensor (-1: the rest of the devices),
     stage_order: the stage names in the order they run (ConfigDict sorts its keys, so the order is explicit),
     stages.<name>: one ConfigDict per stage:
@@ -28,7 +28,6 @@ from llava_jax.errors import ConfigError, DataError
 
 NO_CAP = -1  # max_steps sentinel: run every stage to the end of its epochs
 INIT_KINDS = ("scratch", "previous", "run", "checkpoint", "components")
-REMAT = ("none", "full")
 
 
 def field(cfg, name: str, where: str):
@@ -120,8 +119,10 @@ def check(cfg) -> None:
         top(cfg, name)
     for axis in ("data", "fsdp", "tensor"):
         field(cfg.mesh, axis, "mesh")
-    if cfg.get("remat", "none") not in REMAT:
-        raise ConfigError(f"remat must be one of {REMAT}, got {cfg.remat!r}")
+    from llava_jax.model.layers import REMAT_POLICIES
+
+    if cfg.get("remat", "none") not in REMAT_POLICIES:
+        raise ConfigError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {cfg.remat!r}")
     for i, name in enumerate(order(cfg)):
         stage = cfg.stages[name]
         init = field(stage, "init", f"stages.{name}")
