@@ -181,7 +181,8 @@ class StageRun:
             trainable, groups, total_steps=total, warmup_ratio=float(stage_cfg.get("warmup_ratio", 0.0)),
             weight_decay=float(stage_cfg.get("weight_decay", 0.0)), clip_norm=float(stage_cfg.get("clip_norm", 1.0)),
         )  # fmt: skip
-        create = jax.jit(lambda t: TrainState.create(t, optimizer, self.seed))
+        create = jax.jit(lambda t: TrainState.create(t, optimizer, self.seed),
+                         out_shardings=self._state_shardings(optimizer, trainable))  # fmt: skip
         iterator = iter(dataset)
         if latest is None:
             if lora:
@@ -207,6 +208,16 @@ class StageRun:
                               groups, fractions)  # fmt: skip
         finally:
             checkpoints.close()
+
+    def _state_shardings(self, optimizer, trainable) -> TrainState:
+        """Where a fresh train state lives: trainable parameters as given, optimizer moments laid out as
+        their parameters (left to jit, freshly created moments would be replicated on every device, which
+        undoes fsdp for the largest part of the state), counters and RNG replicated."""
+        abstract = jax.eval_shape(lambda t: TrainState.create(t, optimizer, self.seed), trainable)
+        replicated = jax.sharding.NamedSharding(shd.auto_view(self.mesh), jax.P())
+        return abstract.replace(trainable=jax.tree.map(lambda a: a.sharding, trainable),
+                                opt_state=shd.optimizer_state_shardings(abstract.opt_state, trainable, self.mesh),
+                                **{k: replicated for k in ("rng", "step", "updates", "nonfinite", "empty")})  # fmt: skip
 
     def _abstract(self, model_config, lora, remat):
         """(graphdef, abstract nnx state) of the stage's model, LoRA adapters included."""
@@ -281,7 +292,7 @@ class StageRun:
             checkpoints.save(at, merge_params(state.trainable, frozen), self._train_item(state), iterator.get_state())
             last_saved = at
 
-        with jax.set_mesh(self.mesh):
+        with shd.use_mesh(self.mesh):
             while step < total:
                 t0 = time.perf_counter()
                 try:
