@@ -114,7 +114,7 @@ def test_loads_through_the_pipeline(data_dir, tokenizer, split, template):
                       batch_size=8, max_length=128, num_epochs=1, num_workers=0, on_bad_record="raise")  # fmt: skip
     it = iter(LlavaDataset(data, tokenizer=tokenizer, model_config=config, process_index=0, process_count=1))
     batches = list(it)
-    assert it.stats["examples"] == NUM and not it.stats["skipped"]
+    assert it.stats["examples"] == len(read(data_dir, split)) >= NUM and not it.stats["skipped"]
     batch = batches[0]
     assert batch["pixel_values"].shape[1:] == (3, 48, 48)
     assert ((batch["input_ids"] == config.image_token_id).sum(1) == 9).all()

@@ -9,7 +9,7 @@ writes
                            {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
                                                             {"from": "gpt", "value": caption}]}
     DIR/instruct.json      2-3 questions per training image with one-word answers (colour, shape, count,
-                           position), multi-turn as llava_v1_5_mix665k records
+                           position), one question per record, as llava_v1_5_mix665k records
     DIR/heldout.json       one question per record on images never trained on (no held-out scene equals a
                            training scene, so mostly 2-3 shapes), with its "category"
 
@@ -139,8 +139,8 @@ def generate(out: str, num: int, seed: int = 0, num_heldout: int | None = None) 
             {"from": "human", "value": prompt}, {"from": "gpt", "value": caption(scene)}]})  # fmt: skip
         asked = questions(scene)
         picks = train_rng.choice(len(asked), min(len(asked), int(train_rng.integers(2, 4))), replace=False)
-        instruct.append({"id": f"train_{i:06d}", "image": name,
-                         "conversations": _turns([asked[k][1:] for k in picks])})  # fmt: skip
+        for k, pick in enumerate(picks):  # one question per record: short examples, the answer right after it
+            instruct.append({"id": f"train_{i:06d}_{k}", "image": name, "conversations": _turns([asked[pick][1:]])})
     for i in range(num_heldout):
         scene = random_scene(heldout_rng)
         while tuple(scene) in seen:
