@@ -9,7 +9,7 @@ writes
                            {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
                                                             {"from": "gpt", "value": caption}]}
     DIR/instruct.json      2-3 questions per training image with one-word answers (colour, shape, count,
-                           position), multi-turn as llava_v1_5_mix665k records
+                           position), one question per record, as llava_v1_5_mix665k records
     DIR/heldout.json       one question per record on images never trained on (no held-out scene equals a
                            training scene, so mostly 2-3 shapes), with its "category"
 
@@ -41,6 +41,7 @@ COLORS = {
     "yellow": (235, 200, 20), "purple": (140, 50, 170),
 }  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
+ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "middle", "right")
 COUNTS = {1: "one", 2: "two", 3: "three"}
 CATEGORIES = ("color", "shape", "count", "position")
@@ -90,19 +91,27 @@ def blank_image() -> Image.Image:
     return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
 
 
+def cell_name(row: int, col: int) -> str:
+    """ "top left", "middle right", "center", ...: the grid cell's name in captions and questions."""
+    return "center" if (row, col) == (1, 1) else f"{ROWS[row]} {COLUMNS[col]}"
+
+
 def caption(scene: Sequence[Item]) -> str:
-    parts = [f"a {item.name} {'in the middle' if item.col == 1 else 'on the ' + COLUMNS[item.col]}" for item in scene]
+    """Each shape in reading order with its cell: "a red circle in the top left and a blue square in the center."."""
+    parts = [f"a {item.name} in the {cell_name(item.row, item.col)}" for item in scene]
     return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
 
 
 def questions(scene: Sequence[Item]) -> list[tuple[str, str, str]]:
-    """Every question the scene answers: (category, question, one-word answer)."""
+    """Every question the scene answers: (category, question, one-word answer). Colour and shape are asked by
+    cell (a lookup a tiny model learns quickly); position by colour, answered with the column."""
     out = [("count", "How many shapes are there?", COUNTS[len(scene)])]
     for item in scene:
+        cell = cell_name(item.row, item.col)
         out += [
-            ("color", f"What color is the {item.shape}?", item.color),
-            ("shape", f"What shape is the {item.color} one?", item.shape),
-            ("position", f"Where is the {item.name}: left, middle or right?", COLUMNS[item.col]),
+            ("color", f"What color is the shape in the {cell}?", item.color),
+            ("shape", f"What shape is in the {cell}?", item.shape),
+            ("position", f"Which column is the {item.color} shape in?", COLUMNS[item.col]),
         ]
     return out
 
@@ -130,8 +139,8 @@ def generate(out: str, num: int, seed: int = 0, num_heldout: int | None = None) 
             {"from": "human", "value": prompt}, {"from": "gpt", "value": caption(scene)}]})  # fmt: skip
         asked = questions(scene)
         picks = train_rng.choice(len(asked), min(len(asked), int(train_rng.integers(2, 4))), replace=False)
-        instruct.append({"id": f"train_{i:06d}", "image": name,
-                         "conversations": _turns([asked[k][1:] for k in picks])})  # fmt: skip
+        for k, pick in enumerate(picks):  # one question per record: short examples, the answer right after it
+            instruct.append({"id": f"train_{i:06d}_{k}", "image": name, "conversations": _turns([asked[pick][1:]])})
     for i in range(num_heldout):
         scene = random_scene(heldout_rng)
         while tuple(scene) in seen:
