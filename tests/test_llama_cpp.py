@@ -15,13 +15,14 @@ import llava_jax
 from llava_jax.convert import export_gguf
 from tests.test_gguf_export import source  # noqa: F401  (the fixture)
 
-llama_cpp = pytest.importorskip("llama_cpp")
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # llama-cpp-python builds from source in ~27 min: not a default-run dependency
 
 NEW = 16
 
 
 def llama(model_path: str):
+    import llama_cpp
+
     return llama_cpp.Llama(model_path=model_path, n_ctx=256, n_batch=256, logits_all=True, verbose=False, seed=0,
                            n_threads=2)  # fmt: skip
 
@@ -88,6 +89,7 @@ def test_llama_cpp_runs_our_q8_0_export_as_we_read_it(source, tmp_path):  # noqa
 
 
 def test_llama_cpp_loads_the_exported_mmproj(source, tmp_path):  # noqa: F811
+    import llama_cpp
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
     from tests.reference import image

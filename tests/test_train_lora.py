@@ -15,8 +15,6 @@ import pytest
 
 from tests.test_train_run import ROOT, args, data, env, metrics, train  # noqa: F401 (fixtures)
 
-pytest.importorskip("llava_jax.train.lora")
-
 LORA = ["--config.stages.main.lora.rank=4", "--config.stages.main.lora.alpha=8.0",
         "--config.stages.main.lora.dropout=0.1", "--config.stages.main.lora.lr=1e-2",
         "--config.stages.main.trainable=(('projector/.*', 1e-3),)"]  # fmt: skip
