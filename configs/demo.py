@@ -22,6 +22,8 @@ multi-turn), so this is under-fitting of the cell/colour binding, not over-fitti
 
 import ml_collections
 
+from configs import common
+
 NUM_IMAGES = 4000
 BATCH = 32
 TEMPLATE = "mistral_instruct"
@@ -40,38 +42,25 @@ def model():
 
 
 def stage(init_kind, template, max_length, epochs, lr):
-    return dict(
-        init=dict(kind=init_kind, path="", tokenizer="", vision_tower="", language_model="", mm_projector=""),
-        model=model() if init_kind == "scratch" else {},
-        data=dict(files="", image_folder="", template=template, max_length=max_length, length_buckets=(max_length,),
-                  image_aspect_ratio="", group_by_modality_length=False, num_workers=0, max_images_per_example=1),
-        global_batch_size=BATCH, per_device_batch_size=0, epochs=epochs,
+    return common.stage(
+        init=dict(kind=init_kind), model=model() if init_kind == "scratch" else {},
+        data=dict(template=template, max_length=max_length, length_buckets=(max_length,), num_workers=0),
+        global_batch_size=BATCH, epochs=epochs,
         trainable=((".*", lr),),  # vision tower included: it starts from nothing
-        warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0,
-        lora=dict(rank=0, alpha=16.0, dropout=0.0, target="", lr=0.0),
     )  # fmt: skip
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.max_steps = -1  # -1: no cap
+    c = common.base(("pretrain", "finetune"))
     c.log_every = 25
-    c.checkpoint_every = 500
     c.keep_checkpoints = 1
-    c.max_nonfinite_in_a_row = 3
     c.compute_dtype = "float32"
-    c.param_dtype = "float32"
     c.remat = "none"
-    c.mfu_peak_tflops = 0.0
-    c.progress = True
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    c.mesh.data = 1
     c.prepare = "llava_jax.demo:prepare"
     c.evaluate = "llava_jax.demo:evaluate"
     c.demo = ml_collections.ConfigDict(dict(num_images=NUM_IMAGES, num_heldout=400, template=TEMPLATE,
                                             eval_batch_size=200))  # fmt: skip
-    c.stage_order = ("pretrain", "finetune")
-    c.stages = ml_collections.ConfigDict()
-    c.stages.pretrain = ml_collections.ConfigDict(stage("scratch", "plain", 48, 4, 2e-3))
-    c.stages.finetune = ml_collections.ConfigDict(stage("previous", TEMPLATE, 40, 5, 1e-3))
+    c.stages.pretrain = stage("scratch", "plain", 48, 4, 2e-3)
+    c.stages.finetune = stage("previous", TEMPLATE, 40, 5, 1e-3)
     return c

@@ -12,37 +12,26 @@ The tokenizer directory must hold `<image>` (the model's image_token_id) and `<p
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str = ""):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.max_steps = -1  # -1: no cap
+    c = common.base(("main",))
     c.log_every = 1
     c.checkpoint_every = 100
-    c.keep_checkpoints = 3
-    c.max_nonfinite_in_a_row = 3
     c.compute_dtype = "float32"
-    c.param_dtype = "float32"
     c.remat = "none"
-    c.mfu_peak_tflops = 0.0
     c.progress = False
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.stage_order = ("main",)
-    c.stages = ml_collections.ConfigDict()
-    c.stages.main = ml_collections.ConfigDict(dict(
-        init=dict(kind="scratch", path="", tokenizer="", vision_tower="", language_model="", mm_projector=""),
+    c.stages.main = common.stage(
         model=dict(
             vision=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=32, patch_size=16),
             text=dict(vocab_size=520, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                       head_dim=16, max_position_embeddings=512),
             projector_type="mlp2x_gelu", vision_feature_layer=-2, image_token_id=512, image_aspect_ratio="square",
         ),
-        data=dict(files="", image_folder="", template="vicuna_v1", max_length=192, length_buckets=(192,), image_aspect_ratio="",
-                  group_by_modality_length=False, num_workers=0, max_images_per_example=1),
-        global_batch_size=4, per_device_batch_size=0, epochs=2,
-        trainable=((".*", 1e-3),), warmup_ratio=0.1, weight_decay=0.0, clip_norm=1.0,
-        lora=dict(rank=0, alpha=16.0, dropout=0.0, target="", lr=0.0),
-    ))  # fmt: skip
+        data=dict(max_length=192, length_buckets=(192,), num_workers=0),
+        global_batch_size=4, epochs=2, trainable=((".*", 1e-3),), warmup_ratio=0.1,
+    )  # fmt: skip
     if arg == "two_stages":
         c.stage_order = ("pretrain", "finetune")
         pretrain = ml_collections.ConfigDict(c.stages.main.to_dict())
