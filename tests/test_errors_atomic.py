@@ -186,24 +186,38 @@ def test_one_line_joins_multiline_messages():
     assert json.dumps(one_line(ConfigError("x"))).count("\\n") == 0
 
 
-def test_killed_conversion_leaves_nothing_loadable(hf_dir, tmp_path):
-    """`python -m llava_jax.convert` killed (SIGKILL) once its partial directory appears, and once its
-    parameters are being written: --out never appears; the leftover is named and refused."""
-    import time
+KILLED_CONVERSION = textwrap.dedent(
+    """
+    import os, runpy, signal, sys
+    from llava_jax.checkpoints import orbax
 
-    for i, stage in enumerate(["", "params"]):
-        out = str(tmp_path / f"out{i}")
-        proc = subprocess.Popen([sys.executable, "-m", "llava_jax.convert", f"--src={hf_dir}", f"--out={out}"],
-                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        watched = os.path.join(out + ".partial", stage)
-        deadline = time.monotonic() + 240
-        while not os.path.exists(watched) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert os.path.exists(watched), f"the conversion ended before {watched} appeared"
-        assert not os.path.exists(out)
-        with pytest.raises(MissingInputError, match="unfinished output of an interrupted write"):
-            llava_jax.load(out)
-        with pytest.raises(atomic.InterruptedWriteError):
-            convert(hf_dir, out, "float32", progress=False)
+    stage = sys.argv.pop(1)
+    save = orbax.ocp.StandardCheckpointer.save
+
+    def save_then_die(self, *args, **kwargs):  # SIGKILL before the parameters are written, or right after
+        if stage == "params_written":
+            save(self, *args, **kwargs)
+            self.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    orbax.ocp.StandardCheckpointer.save = save_then_die
+    runpy.run_module("llava_jax.convert", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["params_begun", "params_written"])
+def test_killed_conversion_leaves_nothing_loadable(hf_dir, tmp_path, stage):
+    """`python -m llava_jax.convert` killed (SIGKILL) as it starts writing parameters, and once they are
+    written but not the marker: --out never appears; the leftover is named and refused."""
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-c", KILLED_CONVERSION, stage, f"--src={hf_dir}", f"--out={out}"],
+                          env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert os.path.isdir(out + ".partial") and not os.path.exists(out)
+    if stage == "params_written":
+        assert os.path.isdir(os.path.join(out + ".partial", "params"))
+    with pytest.raises(MissingInputError, match="unfinished output of an interrupted write"):
+        llava_jax.load(out)
+    with pytest.raises(atomic.InterruptedWriteError):
+        convert(hf_dir, out, "float32", progress=False)
