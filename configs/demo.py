@@ -38,6 +38,11 @@ def model():
         text=dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=4,
                   head_dim=32, max_position_embeddings=256),
         projector_type="mlp2x_gelu", vision_feature_layer=-2, image_token_id=448, image_aspect_ratio="square",
+        # prompts are tokenized as the trainer's data pipeline tokenized them (the original's tokenizer_image_token:
+        # the text after <image> starts with its own "▁"); with "hf", inference prompts lack that token, every
+        # image token sits one position nearer the answer than in training, and "left, middle or right" comes out one
+        # column off
+        semantics="original",
     )  # fmt: skip
 
 
@@ -61,6 +66,6 @@ def get_config():
     c.evaluate = "llava_jax.demo:evaluate"
     c.demo = ml_collections.ConfigDict(dict(num_images=NUM_IMAGES, num_heldout=400, template=TEMPLATE,
                                             eval_batch_size=200))  # fmt: skip
-    c.stages.pretrain = stage("scratch", "plain", 48, 4, 2e-3)
-    c.stages.finetune = stage("previous", TEMPLATE, 40, 5, 1e-3)
+    c.stages.pretrain = stage("scratch", "plain", 40, 4, 2e-3)
+    c.stages.finetune = stage("previous", TEMPLATE, 32, 5, 1e-3)
     return c

@@ -71,6 +71,38 @@ def test_answerer_renders_the_training_template(tmp_path):
     assert result["accuracy"] == result["blank_accuracy"] == expected
 
 
+def test_inference_prompt_is_the_training_prompt(tmp_path):
+    """What the trained model reads when the evaluation (or `llava_jax.load(WORKDIR)`) asks a question is
+    token for token what it was trained on: the prefix of the training example before the answer. (With
+    llava-hf tokenization the "▁" that starts the text after <image> in training is missing, every image token
+    sits one position nearer the answer, and a trained model answers "left, middle or right" one column off.)"""
+    from PIL import Image
+
+    from llava_jax.data import conversation
+    from llava_jax.data.examples import ExampleBuilder, FixedImageTokens
+    from llava_jax.data.image import ImageProcessor
+    from llava_jax.data.prepare import prepare_inputs
+    from llava_jax.train.sources import model_config
+
+    config = demo_config()
+    config.demo.num_images, config.demo.num_heldout = 6, 2
+    workdir = str(tmp_path)
+    demo.prepare(config, workdir)
+    model = model_config(config.stages.pretrain.model.to_dict())
+    tokenizer = load_tokenizer(demo.tokenizer_dir(workdir))
+    builder = ExampleBuilder(tokenizer, config.demo.template, model.image_token_id, FixedImageTokens(9))
+    records = json.load(open(os.path.join(demo.data_dir(workdir), "instruct.json")))
+    for record in records:
+        example = builder(record, [(48, 48)])
+        answer_start = int(np.flatnonzero(example["labels"] >= 0)[0])
+        question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        prompt = conversation.render(config.demo.template, [{"role": "user", "content": "<image>\n" + question}])
+        image = Image.open(os.path.join(demo.data_dir(workdir), record["image"]))
+        inputs = prepare_inputs(prompt, [image], tokenizer=tokenizer, image_processor=ImageProcessor.from_config(model),
+                                config=model)  # fmt: skip
+        assert inputs["input_ids"][0].tolist() == example["input_ids"][:answer_start].tolist(), question
+
+
 @pytest.mark.slow  # two compiles and a scoring pass; test_prepare_* and test_answerer_* cover the parts
 def test_demo_command_trains_and_scores(tmp_path):
     import subprocess

@@ -70,11 +70,11 @@ def cell_words(row, col):
 def answer_from_pixels(scene, question):
     if question == "How many shapes are there?":
         return {1: "one", 2: "two", 3: "three"}[len(scene)]
-    if m := re.fullmatch(r"What color is the shape in the ([\w ]+)\?", question):
-        return next(c for c, _, row, col in scene if cell_words(row, col) == m[1])
-    if m := re.fullmatch(r"What shape is in the ([\w ]+)\?", question):
-        return next(s for _, s, row, col in scene if cell_words(row, col) == m[1])
-    if m := re.fullmatch(r"Which column is the (\w+) shape in\?", question):
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        return next(c for c, s, _, _ in scene if s == m[1])
+    if m := re.fullmatch(r"What shape is the (\w+) one\?", question):
+        return next(s for c, s, _, _ in scene if c == m[1])
+    if m := re.fullmatch(r"Is the (\w+) shape left, middle or right\?", question):
         return ["left", "middle", "right"][next(col for c, _, _, col in scene if c == m[1])]
     raise AssertionError(f"unexpected question {question!r}")
 

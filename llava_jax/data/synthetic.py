@@ -103,15 +103,17 @@ def caption(scene: Sequence[Item]) -> str:
 
 
 def questions(scene: Sequence[Item]) -> list[tuple[str, str, str]]:
-    """Every question the scene answers: (category, question, one-word answer). Colour and shape are asked by
-    cell (a lookup a tiny model learns quickly); position by colour, answered with the column."""
+    """Every question the scene answers: (category, question, one-word answer). Questions name an object by
+    its content, never by its cell: a shape and its colour sit in the same patch token, so "What color is the
+    circle?" is answered by attending to the circle's patch and reading its colour (what transformers learn
+    fast; asking by cell name needs position-keyed attention, which a tiny model learns slowly). Position is
+    asked by colour and answered with the column, which the patch's position embedding carries."""
     out = [("count", "How many shapes are there?", COUNTS[len(scene)])]
     for item in scene:
-        cell = cell_name(item.row, item.col)
         out += [
-            ("color", f"What color is the shape in the {cell}?", item.color),
-            ("shape", f"What shape is in the {cell}?", item.shape),
-            ("position", f"Which column is the {item.color} shape in?", COLUMNS[item.col]),
+            ("color", f"What color is the {item.shape}?", item.color),
+            ("shape", f"What shape is the {item.color} one?", item.shape),
+            ("position", f"Is the {item.color} shape left, middle or right?", COLUMNS[item.col]),
         ]
     return out
 
