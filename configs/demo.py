@@ -66,6 +66,6 @@ def get_config():
     c.evaluate = "llava_jax.demo:evaluate"
     c.demo = ml_collections.ConfigDict(dict(num_images=NUM_IMAGES, num_heldout=400, template=TEMPLATE,
                                             eval_batch_size=200))  # fmt: skip
-    c.stages.pretrain = stage("scratch", "plain", 40, 4, 2e-3)
-    c.stages.finetune = stage("previous", TEMPLATE, 32, 5, 1e-3)
+    c.stages.pretrain = stage("scratch", "plain", 41, 4, 2e-3)
+    c.stages.finetune = stage("previous", TEMPLATE, 32, 5, 3e-4)
     return c

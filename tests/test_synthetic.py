@@ -74,8 +74,8 @@ def answer_from_pixels(scene, question):
         return next(c for c, s, _, _ in scene if s == m[1])
     if m := re.fullmatch(r"What shape is the (\w+) one\?", question):
         return next(s for c, s, _, _ in scene if c == m[1])
-    if m := re.fullmatch(r"Is the (\w+) shape left, middle or right\?", question):
-        return ["left", "middle", "right"][next(col for c, _, _, col in scene if c == m[1])]
+    if m := re.fullmatch(r"Where is the (\w+) shape\?", question):
+        return next(cell_words(row, col) for c, _, row, col in scene if c == m[1])
     raise AssertionError(f"unexpected question {question!r}")
 
 
@@ -91,8 +91,8 @@ def test_answers_and_captions_match_the_pixels(data_dir):
         scene = scene_from_pixels(os.path.join(data_dir, record["image"]))
         caption = record["conversations"][1]["value"]
         assert caption == synthetic.caption([synthetic.Item(*s) for s in scene])
-        for color, shape, row, col in scene:
-            assert f"a {color} {shape} in the {cell_words(row, col)}" in caption
+        phrases = re.split(r", | and ", caption.removesuffix("."))
+        assert phrases == [f"a {color} {shape} in the {cell_words(row, col)}" for color, shape, row, col in scene]
 
 
 def test_heldout_is_not_trained_on(data_dir):
@@ -132,15 +132,25 @@ def test_score_real_and_blank(data_dir):
     assert result["accuracy"] == 1.0 and result["blank_accuracy"] == 0.0 and result["num_questions"] == 30
     assert set(result["per_category"]) <= set(synthetic.CATEGORIES)
 
-    def always_one(images, prompts):
-        return ["one" for _ in images]
+    answers = [q["answer"] for q in questions]
+    word = max(sorted(set(answers) - set(synthetic.COLORS)), key=answers.count)  # a frequent answer, not a colour
 
-    batched = synthetic.score(always_one, data_dir, batch_size=7)
-    expected = np.mean([q["answer"] == "one" for q in questions])
+    def always_the_same(images, prompts):
+        return [word for _ in images]
+
+    batched = synthetic.score(always_the_same, data_dir, batch_size=7)
+    expected = np.mean([answer == word for answer in answers])
     assert 0 < expected < 1
     assert batched["accuracy"] == batched["blank_accuracy"] == pytest.approx(expected)
     assert batched["per_category"].get("color", 0.0) == 0.0
 
+
+def test_a_reply_is_right_when_it_starts_with_the_answer():
+    assert synthetic.is_right("Red.", "red") and synthetic.is_right("red circle", "red")
+    assert synthetic.is_right("Top left.", "top left") and synthetic.is_right("center", "center")
+    assert not synthetic.is_right("top", "top left") and not synthetic.is_right("top middle", "top left")
+    assert not synthetic.is_right("reddish", "red") and not synthetic.is_right("", "red")
+    assert not synthetic.is_right("left", "top left")
 
 
 def test_demo_tokenizer(data_dir, tmp_path):

@@ -8,7 +8,7 @@ writes
     DIR/pretrain.json      one caption per training image, as blip_laion_cc_sbu_558k records:
                            {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
                                                             {"from": "gpt", "value": caption}]}
-    DIR/instruct.json      2-3 questions per training image with one-word answers (colour, shape, count,
+    DIR/instruct.json      2-3 questions per training image with one- or two-word answers (colour, shape, count,
                            position), one question per record, as llava_v1_5_mix665k records
     DIR/heldout.json       one question per record on images never trained on (no held-out scene equals a
                            training scene, so mostly 2-3 shapes), with its "category"
@@ -103,17 +103,17 @@ def caption(scene: Sequence[Item]) -> str:
 
 
 def questions(scene: Sequence[Item]) -> list[tuple[str, str, str]]:
-    """Every question the scene answers: (category, question, one-word answer). Questions name an object by
-    its content, never by its cell: a shape and its colour sit in the same patch token, so "What color is the
-    circle?" is answered by attending to the circle's patch and reading its colour (what transformers learn
-    fast; asking by cell name needs position-keyed attention, which a tiny model learns slowly). Position is
-    asked by colour and answered with the column, which the patch's position embedding carries."""
+    """Every question the scene answers: (category, question, answer). Questions name a shape by its content,
+    never by its cell: a shape and its colour sit in the same patch token, so "What color is the circle?" is
+    answered by attending to the circle's patch and reading its colour (what transformers learn fast; asking
+    by cell name needs position-keyed attention, which a tiny model learns slowly). Position is asked by
+    colour and answered with the cell's name as the captions say it ("top left", "center")."""
     out = [("count", "How many shapes are there?", COUNTS[len(scene)])]
     for item in scene:
         out += [
             ("color", f"What color is the {item.shape}?", item.color),
             ("shape", f"What shape is the {item.color} one?", item.shape),
-            ("position", f"Is the {item.color} shape left, middle or right?", COLUMNS[item.col]),
+            ("position", f"Where is the {item.color} shape?", cell_name(item.row, item.col)),
         ]
     return out
 
@@ -190,10 +190,15 @@ def write_tokenizer(directory: str, data_dir: str, templates: Sequence[str] = ("
 # -- scoring ---------------------------------------------------------------------------------------
 
 
-def normalize(reply: str) -> str:
-    """The reply's first word, lower-cased, without punctuation ("Red." -> "red")."""
-    words = re.findall(r"[a-z]+", reply.lower())
-    return words[0] if words else ""
+def words(text: str) -> list[str]:
+    """The lower-cased words of a text, without punctuation ("Top left." -> ["top", "left"])."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def is_right(reply: str, answer: str) -> bool:
+    """A reply is right when it starts with the answer's words ("Red." for "red", "top left" for "top left")."""
+    expected = words(answer)
+    return words(reply)[: len(expected)] == expected
 
 
 def heldout_questions(out: str) -> list[dict]:
@@ -209,7 +214,7 @@ def score(answer: Callable, out: str, *, batch_size: int | None = None, limit: i
     """Held-out accuracy of `answer`, with each question's real image and with a blank image.
 
     answer(image: PIL.Image, question: str) -> reply, or with batch_size set,
-    answer(images: list, questions: list) -> replies. A reply is right when its first word is the answer.
+    answer(images: list, questions: list) -> replies. A reply is right when it starts with the answer's words (`is_right`).
     Returns {"accuracy", "blank_accuracy", "per_category": {c: acc}, "blank_per_category", "num_questions"}.
     """
     items = heldout_questions(out)[:limit]
@@ -223,7 +228,7 @@ def score(answer: Callable, out: str, *, batch_size: int | None = None, limit: i
             replies = []
             for start in range(0, len(items), batch_size):
                 replies += list(answer(images[start : start + batch_size], prompts[start : start + batch_size]))
-        results[kind] = [normalize(r) == q["answer"] for r, q in zip(replies, items)]
+        results[kind] = [is_right(r, q["answer"]) for r, q in zip(replies, items)]
 
     def accuracy(right, category=None):
         picked = [r for r, q in zip(right, items) if category in (None, q["category"])]
