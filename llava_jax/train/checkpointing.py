@@ -63,6 +63,7 @@ def as_targets(tree):
 
 
 def restore_params_only(step_dir: str, abstract_params: dict) -> dict:
-    """The `params` item of one checkpoint step directory (for loading a run as a model)."""
+    """The `params` item of one checkpoint step directory (for loading a run as a model). `step_dir` may be
+    relative (`--workdir runs/demo`); orbax restores only from absolute paths."""
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(os.path.join(step_dir, "params"), as_targets(abstract_params))
+        return checkpointer.restore(os.path.join(os.path.abspath(step_dir), "params"), as_targets(abstract_params))
