@@ -214,7 +214,8 @@ def score(answer: Callable, out: str, *, batch_size: int | None = None, limit: i
     """Held-out accuracy of `answer`, with each question's real image and with a blank image.
 
     answer(image: PIL.Image, question: str) -> reply, or with batch_size set,
-    answer(images: list, questions: list) -> replies. A reply is right when it starts with the answer's words (`is_right`).
+    answer(images: list, questions: list) -> replies. A reply is right when it starts with the answer's words
+    (`is_right`).
     Returns {"accuracy", "blank_accuracy", "per_category": {c: acc}, "blank_per_category", "num_questions"}.
     """
     items = heldout_questions(out)[:limit]
