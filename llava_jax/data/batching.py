@@ -135,5 +135,5 @@ def pad_to_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dic
     extra = length - batch["input_ids"].shape[1]
     if extra < 0:
         raise ValueError(f"cannot pad a batch of length {batch['input_ids'].shape[1]} to a shorter {length}")
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "segment_ids": 0, "positions": 0}
     return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill[k]) if k in fill else v for k, v in batch.items()}
