@@ -243,15 +243,16 @@ class StageRun:
         files = stages.data_files(stage_cfg, self.name)
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         geometry = stages.batch_geometry(stage_cfg, self.name, dp, jax.process_count())
-        config = DataConfig(
-            data_path=files, image_folder=str(data.get("image_folder", "")), template=str(data.template),
-            batch_size=geometry.host_batch, max_length=int(data.max_length),
-            group_by_modality_length=bool(data.get("group_by_modality_length", False)), seed=self.seed,
-            num_epochs=int(stage_cfg.epochs), drop_remainder=True, num_workers=int(data.get("num_workers", 0)),
-            max_images_per_example=int(data.get("max_images_per_example", 1)),
-            length_buckets=tuple(int(b) for b in data.get("length_buckets", ()) or ()) or None,
-        )  # fmt: skip
         try:
+            config = DataConfig(
+                data_path=files, image_folder=str(data.get("image_folder", "")), template=str(data.template),
+                batch_size=geometry.host_batch, max_length=int(data.max_length),
+                group_by_modality_length=bool(data.get("group_by_modality_length", False)), seed=self.seed,
+                num_epochs=int(stage_cfg.epochs), drop_remainder=True, num_workers=int(data.get("num_workers", 0)),
+                max_images_per_example=int(data.get("max_images_per_example", 1)),
+                length_buckets=tuple(int(b) for b in data.get("length_buckets", ()) or ()) or None,
+                packing=str(data.get("packing", "") or "") or None, examples_per_row=int(data.get("examples_per_row", 4)),
+            )  # fmt: skip
             dataset = LlavaDataset(config, tokenizer=tokenizer, model_config=model_config)
         except ValueError as e:
             raise DataError(f"stages.{self.name}.data: {e}") from None
