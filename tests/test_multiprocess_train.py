@@ -5,6 +5,7 @@ process resumes from with its own data iterator."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,8 +44,8 @@ def launch(workdir: str, processes: int, devices: int, args: list[str], cache: s
     return procs
 
 
-def finish(procs: list[subprocess.Popen]) -> list[dict]:
-    """Waits for every process; their JSON summaries. Once one fails (or TIMEOUT_S passes) the others are
+def finish(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
+    """Waits for every process; their (stdout, stderr), all exited with 0. Once one fails (or TIMEOUT_S passes) the others are
     killed at once: a peer left waiting at a collective would otherwise wait for its own timeout."""
     deadline = time.time() + TIMEOUT_S
     while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -64,17 +65,21 @@ def finish(procs: list[subprocess.Popen]) -> list[dict]:
             f.close()
     failed = [(p.returncode, stderr[-2000:]) for p, (_, stderr) in zip(procs, outputs) if p.returncode != 0]
     assert not failed, f"training processes failed or hung (killed): {failed}"
+    return outputs
+
+
+def summaries(outputs: list[tuple[str, str]]) -> list[dict]:
     return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
 
 
 def run(workdir: str, processes: int, devices: int, args: list[str], cache: str) -> list[dict]:
-    """launch + finish, launched again once where the coordinator's free port was taken in between."""
+    """launch + finish -> summaries, launched again once where the coordinator's free port was taken meanwhile."""
     try:
-        return finish(launch(workdir, processes, devices, args, cache))
+        return summaries(finish(launch(workdir, processes, devices, args, cache)))
     except AssertionError as e:
         if "Failed to start RPC server" not in str(e):
             raise
-        return finish(launch(workdir, processes, devices, args, cache))
+        return summaries(finish(launch(workdir, processes, devices, args, cache)))
 
 
 def losses(workdir: str) -> list[tuple[int, float]]:
@@ -115,23 +120,32 @@ def args(tmp_path_factory, tokenizer_dir):
             "--config.checkpoint_every=2", "--config.stages.main.epochs=1"]  # fmt: skip
 
 
-def test_two_processes_train_and_resume_as_one(tmp_path, args):
-    cache = str(tmp_path / "jax_cache")
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    reference = launch(one, 1, 4, args, cache)  # at the same time as the two processes
-    summaries = run(two, 2, 2, args, cache)
-    (summary,) = finish(reference)
-    assert summary["stages"][0]["steps"] == 3 and all(s["stages"][0]["steps"] == 3 for s in summaries)
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))  # compilations shared by this module's runs
 
-    expected, uninterrupted = losses(one), losses(two)
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, args, cache):
+    """Three steps on one process with 4 devices and, at the same time, on two processes with 2 each."""
+    one, two = str(tmp_path_factory.mktemp("one")), str(tmp_path_factory.mktemp("two"))
+    reference = launch(one, 1, 4, args, cache)
+    pair = run(two, 2, 2, args, cache)
+    (summary,) = summaries(finish(reference))
+    assert summary["stages"][0]["steps"] == 3 and all(s["stages"][0]["steps"] == 3 for s in pair)
+    return {"one": (losses(one), final_params(one)), "two": (losses(two), final_params(two)), "workdir": two}
+
+
+def test_two_processes_train_as_one_and_resume_from_step_2(tmp_path, runs, args, cache):
+    (expected, one_params), (uninterrupted, two_params) = runs["one"], runs["two"]
     assert [s for s, _ in uninterrupted] == [1, 2, 3]
     np.testing.assert_allclose([x for _, x in uninterrupted], [x for _, x in expected], rtol=1e-5)
-    two_params = final_params(two)
-    assert_params_close(two_params, final_params(one))
+    assert_params_close(two_params, one_params)
 
-    # each process saved its own iterator state in each checkpoint
+    two = str(tmp_path / "two")
+    shutil.copytree(runs["workdir"], two)
     stage = os.path.join(two, "stages", "main")
-    for step in (2, 3):
+    for step in (2, 3):  # each process saved its own iterator state in each checkpoint
         files = sorted(os.listdir(os.path.join(stage, "checkpoints", str(step), "data")))
         assert [f for f in files if f.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
 
@@ -143,3 +157,26 @@ def test_two_processes_train_and_resume_as_one(tmp_path, args):
     assert [s for s, _ in resumed_losses] == [1, 2, 3]
     np.testing.assert_allclose(resumed_losses[2][1], uninterrupted[2][1], rtol=1e-6)
     assert_params_close(final_params(two), two_params)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, runs, args, cache):
+    """SIGTERM reaches process 0 only (a preemption notice need not reach every host at once): both processes
+    save at the same step and exit cleanly; the same command resumes, and the run ends where one never stopped
+    ends."""
+    stopped = str(tmp_path / "stopped")
+    procs = launch(stopped, 2, 2, args, cache)
+    deadline = time.time() + TIMEOUT_S
+    while not os.path.exists(os.path.join(stopped, "run.json")):  # process 0 writes it once it handles SIGTERM
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "no run.json"
+        time.sleep(0.05)
+    procs[0].send_signal(signal.SIGTERM)
+    outputs = finish(procs)
+    assert all("SIGTERM: saved" in stderr for _, stderr in outputs), [stderr[-500:] for _, stderr in outputs]
+    saved = [s for s, _ in losses(stopped)]
+    assert saved in ([1], [1, 2])  # the flag is read after each step: before step 3 starts on this machine
+    checkpoints = os.path.join(stopped, "stages", "main", "checkpoints")
+    assert sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) == [len(saved)]
+    assert all(s["stages"][0]["steps"] == 3 for s in run(stopped, 2, 2, args, cache))
+    whole_losses, whole_params = runs["two"]
+    assert losses(stopped) == whole_losses
+    assert_params_close(final_params(stopped), whole_params)
