@@ -2,8 +2,8 @@
 
 Runs the config's stages in order (`stage_order`); running the same command on the same DIR resumes
 from the latest checkpoint, and a stage already done is skipped. SIGTERM saves a checkpoint and exits
-cleanly. Writes DIR/metrics.jsonl, DIR/tensorboard/ and DIR/stages/<name>/; prints a JSON summary as
-its last line. A mistake in the config or data is reported as one line, with exit status 2.
+cleanly. With several hosts every host runs the same command (see --distributed). Writes
+DIR/metrics.jsonl, DIR/tensorboard/ and DIR/stages/<name>/; prints a JSON summary as its last line. A mistake in the config or data is reported as one line, with exit status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py); override fields with --config.a.b=v.",
                                 lock_config=True)  # fmt: skip
 flags.DEFINE_string("workdir", None, "The run's directory: checkpoints, metrics, TensorBoard events.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                  "Start jax.distributed (several processes, one per host): auto where JAX_COORDINATOR_ADDRESS "
+                  "(with JAX_NUM_PROCESSES, JAX_PROCESS_ID) is set or SLURM / Open MPI run several tasks; yes on "
+                  "TPU pod slices, where JAX finds the rest itself.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,8 +41,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     from llava_jax.errors import UserError
+    from llava_jax.train import hosts
     from llava_jax.train.loop import NonFiniteLoss, Preempted, train
 
+    hosts.initialize(flags.FLAGS.distributed)  # before anything touches a device
     try:
         config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
         call_hook(config, "prepare", workdir)

@@ -1,6 +1,6 @@
 """Training speed of llava_jax against transformers (PyTorch eager, CPU): one stage-2 step, side by side.
 
-    python bench/train.py [--batch 4] [--repeats 3] [--no_bf16] [--skip_hf] [--tiny]
+    python bench/train.py [--batch 4] [--repeats 3] [--dtypes float32,bfloat16] [--skip_hf] [--tiny]
 
 The ~300M LLaVA of bench/decode.py (CLIP ViT-B/14 at 224, a 12-layer 1024-wide LLaMA, vocab 32064),
 random weights built in transformers and loaded by llava_jax from the same files. A stage-2 step:
@@ -23,6 +23,7 @@ torch.autocast("cpu", torch.bfloat16). The last line is a JSON summary.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -177,7 +178,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per side; medians are reported")
-    parser.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 rows")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="the rows' compute dtypes, in order")
+    parser.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 rows (--dtypes float32)")
     parser.add_argument("--skip_hf", action="store_true", help="only llava_jax (no ratios against transformers)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (a dry run of the script)")
     args = parser.parse_args()
@@ -191,7 +193,7 @@ def main():
     torch.set_num_threads(os.cpu_count())
     ids, labels, pixels = batch(args.batch)
     supervised = int((labels[:, 1:] != -100).sum())
-    dtypes = ["float32"] + ([] if args.no_bf16 else ["bfloat16"])
+    dtypes = [d for d in args.dtypes.split(",") if not (args.no_bf16 and d == "bfloat16")]
     rows = {}
     with tempfile.TemporaryDirectory() as directory:
         hf_model = decode.build_hf(directory)
@@ -210,7 +212,11 @@ def main():
                 if name.startswith("llava_jax"):
                     rows[name]["xla_bytes"] = jax_side.xla_bytes
                 print(f"{name}: {json.dumps(rows[name])}", flush=True)
+            del sides, jax_side, results  # both sides' parameters and optimizer states, before the next dtype's
+            gc.collect()
             if hf_model is not None:  # the torch side trained: rebuild it for the next dtype from the same files
+                hf_model = None
+                gc.collect()
                 hf_model = decode.build_hf(directory) if dtype != dtypes[-1] else None
     print(f"\nbatch {args.batch} x {ids.shape[1]} tokens, {supervised} supervised per step, vision tower frozen")
     print(f"{'side':<24}{'step s':>9}{'sup tok/s':>11}{'MFU':>8}{'peak RSS MB':>13}{'first loss':>12}")

@@ -98,11 +98,24 @@ def plan(model_config, stage_cfg, mesh, *, seq_len: int, per_device_batch: int, 
     from llava_jax.train.step import make_train_step
 
     mesh = shd.auto_view(mesh)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0), remat=remat)))
+    lora = stage_cfg.get("lora", None)
+    lora = lora.to_dict() if lora is not None and int(lora.get("rank", 0)) > 0 else None
+
+    def build():  # the stage's model as the trainer builds it, LoRA adapters included
+        from llava_jax.train import run_dir
+
+        model = LlavaModel(model_config, rngs=nnx.Rngs(0), remat=remat)
+        return run_dir.add_lora(model, lora, 1) if lora else model
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
     shardings = nnx.to_pure_dict(shd.state_shardings(abstract, mesh))
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.to_pure_dict(abstract), shardings)  # fmt: skip
     groups = Groups.from_config(stage_cfg.trainable)
+    if lora:  # the adapters train at lora.lr, as in the trainer
+        from llava_jax.train.lora import LORA_PARAMS
+
+        groups = Groups(groups.patterns + ((LORA_PARAMS, float(lora["lr"])),))
     trainable, frozen = split_params(params, groups)
     optimizer, _ = make_optimizer(trainable, groups, total_steps=1000, warmup_ratio=float(stage_cfg.get("warmup_ratio", 0)),
                                   weight_decay=float(stage_cfg.get("weight_decay", 0)),

@@ -35,3 +35,16 @@ def test_7b_stage2_at_4096_tokens_fits_80gib_with_blockwise_attention_only():
     # fsdp over 8: a float32 copy of the trainable parameters is an eighth per device, Adam's two moments two
     assert abs(blockwise["gradients"] - trainable * 4 / 8) < 0.01 * blockwise["gradients"]
     assert abs(blockwise["optimizer_state"] - 2 * blockwise["gradients"]) < 0.01 * blockwise["optimizer_state"]
+
+
+def test_lora_stage_plans_the_adapters_and_the_projector():
+    """LoRA r=128 on every LLM linear but lm_head, the projector trained, the base frozen: the trainable count is
+    r x (in + out) per adapted linear plus the projector, and Adam's moments are twice their float32 bytes."""
+    stage = common.llava15_lora("unused")
+    model = P.model_dims("llava-1.5-7b").replace(dtype="bfloat16", param_dtype="float32")
+    result = P.plan(model, stage, shd.make_mesh(1, 8, 1), seq_len=128, per_device_batch=1, remat="full")
+    d, m, r, layers = 4096, 11008, 128, 32
+    adapters = layers * r * (4 * (d + d) + 2 * (d + m) + (m + d))
+    projector = 1024 * d + d + d * d + d  # mlp2x_gelu from CLIP-L's 1024 features
+    assert result["trainable_parameters"] == adapters + projector
+    assert abs(result["optimizer_state"] - 2 * result["gradients"]) < 0.01 * result["optimizer_state"]

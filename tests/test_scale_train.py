@@ -111,7 +111,7 @@ def test_checkpoint_from_one_mesh_continues_on_another(tmp_path):
     state, _ = first.run(state, frozen, make_batch(rows=8, seed=1))
     train_item = {k: getattr(state, k) for k in ("opt_state", "rng", "step", "updates", "nonfinite", "empty")}
     checkpoints = StageCheckpoints(str(tmp_path / "ckpt"), asynchronous=False)
-    checkpoints.save(1, merge_params(state.trainable, frozen), train_item, {})
+    checkpoints.save(1, merge_params(state.trainable, frozen), train_item, None)
     checkpoints.close()
     _, expected = first.run(state, frozen, make_batch(rows=8, seed=2))
 
@@ -120,7 +120,7 @@ def test_checkpoint_from_one_mesh_continues_on_another(tmp_path):
     abstract_params = merge_params(fresh.trainable, fresh_frozen)
     abstract_train = {k: getattr(fresh, k) for k in train_item}
     restored = StageCheckpoints(str(tmp_path / "ckpt"), asynchronous=False)
-    params, train, _ = restored.restore(1, abstract_params, abstract_train)
+    params, train = restored.restore(1, abstract_params, abstract_train)
     restored.close()
     kernel = params["decoder"]["layers"]["attn"]["q_proj"]["kernel"]
     assert kernel.sharding.is_equivalent_to(second.shardings["decoder"]["layers"]["attn"]["q_proj"]["kernel"], 3)

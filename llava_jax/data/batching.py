@@ -14,6 +14,11 @@ the most tiles an image can have):
 The k-th real image's features belong to the k-th run of image_token_id in input_ids, row-major,
 which is how LlavaModel splices them. Rows left empty by bad records (and the short last batch of
 an epoch) are all padding: attention_mask 0, labels -100.
+
+Packed (`packing` "first_fit" or "best_fit", llava_jax.data.packing): a step's records (batch_size x
+examples_per_row of them) are packed into the batch's B rows, in the layout of `collate_packed`
+(segment_ids and positions [B, T] besides; M = the records' image slots; example_index [records], -1
+for none). Examples that the B rows cannot hold are left out and counted ("packing_overflow").
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from PIL import Image
 
 from llava_jax.data.examples import IGNORE_INDEX, BadRecord, ExampleBuilder, record_images
 from llava_jax.data.image import UnreadableImageError
+from llava_jax.data.packing import collate_packed, pack
 from llava_jax.data.records import RecordStore
 
 
@@ -67,6 +73,8 @@ class BatchMaker:
     pad_id: int
     raise_bad_records: bool
     shared_memory: bool = False  # in a grain worker: build pixel_values where the main process reads it
+    packing: str | None = None  # None, "first_fit" or "best_fit"
+    packed_records: int = 0  # records per batch when packing (batch_size rows hold up to this many examples)
 
     def __call__(self, element: tuple[int, np.ndarray]) -> tuple[dict[str, np.ndarray], list[Skipped]]:
         _, indices = element
@@ -79,6 +87,8 @@ class BatchMaker:
                 if self.raise_bad_records:
                     raise
                 skipped.append(Skipped(index, bad.record_id, bad.reason, str(bad)))
+        if self.packing:
+            return self._collate_packed(rows, skipped)
         return self._collate(rows), skipped
 
     def _example(self, record: Any) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
@@ -123,6 +133,32 @@ class BatchMaker:
                 slot += 1
         return batch
 
+    def _collate_packed(self, rows, skipped: list[Skipped]) -> tuple[dict[str, np.ndarray], list[Skipped]]:
+        longest = self.buckets[-1]
+        packed = pack([len(example["input_ids"]) for _, example, _, _ in rows], longest, self.packing)
+        for row in packed[self.batch_size :]:
+            for i in row:
+                index, _, _, _ = rows[i]
+                record = self.records[index]
+                record_id = record.get("id") if isinstance(record, dict) else None
+                skipped.append(Skipped(index, record_id, "packing_overflow", f"record {index} did not fit the "
+                                       f"{self.batch_size} packed rows of its batch"))  # fmt: skip
+        packed = packed[: self.batch_size] + [[] for _ in range(self.batch_size - len(packed))]
+        used = max((sum(len(rows[i][1]["input_ids"]) for i in row) for row in packed), default=0)
+        slots = self.packed_records * self.max_images_per_example
+        batch = collate_packed([example for _, example, _, _ in rows], [pixels for _, _, pixels, _ in rows], packed,
+                               length=next(b for b in self.buckets if b >= used), pad_id=self.pad_id,
+                               image_slots=slots, pixel_shape=self.pixel_shape,
+                               image_sizes=[sizes for _, _, _, sizes in rows])  # fmt: skip
+        if self.shared_memory:
+            shared = self._zeros(batch["pixel_values"].shape, np.float32)
+            shared[...] = batch["pixel_values"]
+            batch["pixel_values"] = shared
+        batch["example_index"] = np.full((self.packed_records,), -1, np.int32)
+        kept = [rows[i][0] for row in packed for i in row]
+        batch["example_index"][: len(kept)] = kept
+        return batch, skipped
+
     def _zeros(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         if not self.shared_memory:
             return np.zeros(shape, dtype)
@@ -135,5 +171,5 @@ def pad_to_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dic
     extra = length - batch["input_ids"].shape[1]
     if extra < 0:
         raise ValueError(f"cannot pad a batch of length {batch['input_ids'].shape[1]} to a shorter {length}")
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "segment_ids": 0, "positions": 0}
     return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill[k]) if k in fill else v for k, v in batch.items()}

@@ -39,6 +39,7 @@ from absl import flags
 from llava_jax.data import sampling
 from llava_jax.data.batching import BatchMaker, pad_to_length
 from llava_jax.data.examples import ExampleBuilder, FixedImageTokens
+from llava_jax.data.packing import METHODS as PACKING_METHODS
 from llava_jax.data.image import ImageProcessor, load_image
 from llava_jax.model import anyres
 from llava_jax.data.records import RecordStore, load_records
@@ -61,6 +62,9 @@ class DataConfig:
     length_buckets: the padded lengths T a batch can have; None: max_length / 8, / 4, / 2, max_length.
     num_epochs: None repeats forever. on_bad_record: "skip" (count and leave out) or "raise".
     overlong: "truncate" (keep the head, as the original) or "skip" records over max_length.
+    packing: None (one example per row), "first_fit" or "best_fit": each step reads batch_size x
+    examples_per_row records and packs them into batch_size rows of up to max_length tokens
+    (batching.py); those that do not fit are left out and counted as "packing_overflow".
     """
 
     data_path: str | tuple[str, ...]
@@ -79,8 +83,14 @@ class DataConfig:
     worker_buffer_size: int = 2
     on_bad_record: str = "skip"
     overlong: str = "truncate"
+    packing: str | None = None
+    examples_per_row: int = 4
 
     def __post_init__(self):
+        if self.packing not in (None, *PACKING_METHODS):
+            raise ValueError(f"packing must be None, 'first_fit' or 'best_fit', got {self.packing!r}")
+        if self.examples_per_row < 1:
+            raise ValueError(f"examples_per_row must be positive, got {self.examples_per_row}")
         if self.on_bad_record not in ("skip", "raise"):
             raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {self.on_bad_record!r}")
         if self.batch_size < 1 or self.max_images_per_example < 1:
@@ -90,6 +100,11 @@ class DataConfig:
             raise ValueError(
                 f"length_buckets {buckets} must be increasing, positive and end at max_length {self.max_length}"
             )
+
+    @property
+    def records_per_step(self) -> int:
+        """Records each host reads per batch: batch_size, or batch_size x examples_per_row packed."""
+        return self.batch_size * (self.examples_per_row if self.packing else 1)
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -153,7 +168,7 @@ class HostBatches:
         self.batches_per_epoch = len(self._epoch(0))
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"{len(signed_lengths)} records make no batch of {config.batch_size} x {process_count} hosts "
+                f"{len(signed_lengths)} records make no batch of {config.records_per_step} x {process_count} hosts "
                 "with drop_remainder=True"
             )
 
@@ -169,14 +184,15 @@ class HostBatches:
         if epoch not in self._cache:
             config, (index, count) = self._config, self._process
             rng = sampling.epoch_rng(config.seed, epoch)
-            megabatch = config.batch_size * count
+            megabatch = config.records_per_step * count
             if config.group_by_modality_length:
                 order = sampling.modality_grouped_order(self._lengths, megabatch, count, rng)
             elif config.shuffle:
                 order = rng.permutation(len(self._lengths))
             else:
                 order = np.arange(len(self._lengths))
-            self._cache = {epoch: sampling.host_batches(order, config.batch_size, index, count, config.drop_remainder)}
+            self._cache = {epoch: sampling.host_batches(order, config.records_per_step, index, count,
+                                                        config.drop_remainder)}  # fmt: skip
         return self._cache[epoch]
 
     def __getstate__(self):
@@ -280,6 +296,8 @@ class LlavaDataset:
             buckets=config.buckets,
             pad_id=tokenizer.pad_id,
             raise_bad_records=config.on_bad_record == "raise",
+            packing=config.packing,
+            packed_records=config.records_per_step,
         )
 
     @property

@@ -2,10 +2,13 @@
 
     STAGE_DIR/checkpoints/<step>/params   every model parameter (trainable and frozen), a pure dict
     STAGE_DIR/checkpoints/<step>/train    TrainState without the trainable parameters (they are in params)
-    STAGE_DIR/checkpoints/<step>/data     the grain iterator's state (JSON)
+    STAGE_DIR/checkpoints/<step>/data/process_<i>-of-<n>.json   each process's grain iterator state
 
-Saves are asynchronous (the step loop goes on while the arrays are written); the manager keeps the last
-`keep` checkpoints. `params` alone is what `llava_jax.load(WORKDIR)` restores.
+Every process takes part in every save and restore (orbax writes each array's shards from the processes
+holding them); each process's data iterator reads its own rows, so each saves and restores its own state
+(grain's orbax handler). Saves of arrays are asynchronous (the step loop goes on while they are written);
+the iterator state is captured when the save starts. The manager keeps the last `keep` checkpoints.
+`params` alone is what `llava_jax.load(WORKDIR)` restores.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import grain.checkpoint
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -33,16 +37,23 @@ class StageCheckpoints:
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, step: int, params: dict, train: dict, data_state: dict[str, Any]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-            data=ocp.args.JsonSave(data_state)), force=True)  # fmt: skip
+    def save(self, step: int, params: dict, train: dict, iterator: Any | None) -> None:
+        """iterator: the data iterator (a grain DatasetIterator: get_state / set_state), or None."""
+        items = dict(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train))
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_params: dict, abstract_train: dict) -> tuple[dict, dict, dict]:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(as_targets(abstract_params)),
-            train=ocp.args.StandardRestore(as_targets(abstract_train)), data=ocp.args.JsonRestore()))  # fmt: skip
-        return restored["params"], restored["train"], restored["data"]
+    def restore(self, step: int, abstract_params: dict, abstract_train: dict, iterator: Any | None = None
+                ) -> tuple[dict, dict]:  # fmt: skip
+        """(params, train) of `step`, each array laid out as its abstract target; `iterator` (where given)
+        continues where this process's iterator stood."""
+        items = dict(params=ocp.args.StandardRestore(as_targets(abstract_params)),
+                     train=ocp.args.StandardRestore(as_targets(abstract_train)))  # fmt: skip
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["params"], restored["train"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -17,13 +17,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from llava_jax import sharding as shd
 from llava_jax.data.pipeline import DataConfig, LlavaDataset
 from llava_jax.errors import ConfigError, DataError
-from llava_jax.train import flops, metrics, microbatch, run_dir, sources, stages
+from llava_jax.train import flops, global_batch, hosts, metrics, microbatch, run_dir, sources, stages
 from llava_jax.train.checkpointing import StageCheckpoints
 from llava_jax.train.optimizer import Groups, make_optimizer, merge_params, split_params
 from llava_jax.train.state import TrainState
@@ -110,19 +109,6 @@ def param_shardings(graphdef_abstract_state, mesh) -> dict:
     return nnx.to_pure_dict(shd.state_shardings(graphdef_abstract_state, mesh))
 
 
-def batch_to_device(micro: dict, mesh) -> dict:
-    """Host micro-batches [A, b, ...] -> global arrays sharded over the batch axis (axis 1)."""
-    out = {}
-    for key, value in micro.items():
-        axes = (None, "batch") + (None,) * (value.ndim - 2) if key != "feature_index" else (None, None)
-        sharding = jax.sharding.NamedSharding(mesh, shd.logical_to_spec(axes, mesh))
-        global_shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
-        if key == "feature_index":
-            global_shape = value.shape
-        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape)
-    return out
-
-
 class StageRun:
     """One stage of a run, from its start (or its latest checkpoint) to its end."""
 
@@ -155,6 +141,7 @@ class StageRun:
             config = start.config.replace(image_aspect_ratio=aspect) if aspect else start.config
             template = str(stage_cfg.data.get("template", "")) or start.template
             run_dir.write_stage(self.directory, config, template, lora, start.side_dir)
+            hosts.barrier(f"stage {self.name} written")  # process 0 wrote it; every process reads it next
             params = start.params
         else:
             config, params = run_dir.read_stage(self.directory).config, None
@@ -162,6 +149,7 @@ class StageRun:
         model_config = config.replace(dtype=compute, param_dtype=param_dtype)
         remat = str(cfg.get("remat", "none"))  # a policy name of llava_jax.model.layers.REMAT_POLICIES
         tokenizer = self._tokenizer(info.side_dir)
+        self.pad_id = tokenizer.pad_id
         dataset, geometry, total = self._data(model_config, tokenizer)
 
         graphdef, abstract = self._abstract(model_config, lora, remat)
@@ -194,13 +182,13 @@ class StageRun:
             layout = create.lower(trainable).compile().output_shardings
             abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                           jax.eval_shape(create, trainable), layout)  # fmt: skip
-            params, train_item, data_state = checkpoints.restore(latest, abstract, self._train_item(abstract_state))
+            params, train_item = checkpoints.restore(latest, abstract, self._train_item(abstract_state), iterator)
             trainable, frozen = split_params(params, groups)
             state = TrainState(trainable=trainable, **train_item)
-            iterator.set_state(data_state)
             order = list(stages.order(cfg))
-            metrics.truncate(self.writer.path, lambda r: order.index(r["stage"]) < self.index or
-                             (r["stage"] == self.name and r["step"] <= latest))  # fmt: skip
+            if self.writer.enabled:  # process 0's file
+                metrics.truncate(self.writer.path, lambda r: order.index(r["stage"]) < self.index or
+                                 (r["stage"] == self.name and r["step"] <= latest))  # fmt: skip
         step_fn = make_train_step(graphdef, optimizer)
         fractions = flops.trainable_fractions(trainable, frozen)
         try:
@@ -255,15 +243,16 @@ class StageRun:
         files = stages.data_files(stage_cfg, self.name)
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         geometry = stages.batch_geometry(stage_cfg, self.name, dp, jax.process_count())
-        config = DataConfig(
-            data_path=files, image_folder=str(data.get("image_folder", "")), template=str(data.template),
-            batch_size=geometry.host_batch, max_length=int(data.max_length),
-            group_by_modality_length=bool(data.get("group_by_modality_length", False)), seed=self.seed,
-            num_epochs=int(stage_cfg.epochs), drop_remainder=True, num_workers=int(data.get("num_workers", 0)),
-            max_images_per_example=int(data.get("max_images_per_example", 1)),
-            length_buckets=tuple(int(b) for b in data.get("length_buckets", ()) or ()) or None,
-        )  # fmt: skip
         try:
+            config = DataConfig(
+                data_path=files, image_folder=str(data.get("image_folder", "")), template=str(data.template),
+                batch_size=geometry.host_batch, max_length=int(data.max_length),
+                group_by_modality_length=bool(data.get("group_by_modality_length", False)), seed=self.seed,
+                num_epochs=int(stage_cfg.epochs), drop_remainder=True, num_workers=int(data.get("num_workers", 0)),
+                max_images_per_example=int(data.get("max_images_per_example", 1)),
+                length_buckets=tuple(int(b) for b in data.get("length_buckets", ()) or ()) or None,
+                packing=str(data.get("packing", "") or "") or None, examples_per_row=int(data.get("examples_per_row", 4)),
+            )  # fmt: skip
             dataset = LlavaDataset(config, tokenizer=tokenizer, model_config=model_config)
         except ValueError as e:
             raise DataError(f"stages.{self.name}.data: {e}") from None
@@ -280,7 +269,8 @@ class StageRun:
         max_bad = int(cfg.get("max_nonfinite_in_a_row", 3))
         peak = float(cfg.get("mfu_peak_tflops", 0.0)) * 1e12 * jax.device_count()
         step = int(state.step)
-        bar = metrics.progress(total, step, self.name, enabled=bool(cfg.get("progress", True)))
+        show = bool(cfg.get("progress", True)) and jax.process_index() == 0
+        bar = metrics.progress(total, step, self.name, enabled=show)
         bad_in_a_row = 0
         window = {"tokens": 0, "flops": 0.0, "time": 0.0, "steps": 0}
         first_group = min(schedules)
@@ -289,7 +279,7 @@ class StageRun:
 
         def save(at):
             nonlocal last_saved
-            checkpoints.save(at, merge_params(state.trainable, frozen), self._train_item(state), iterator.get_state())
+            checkpoints.save(at, merge_params(state.trainable, frozen), self._train_item(state), iterator)
             last_saved = at
 
         with shd.use_mesh(self.mesh):
@@ -299,16 +289,17 @@ class StageRun:
                     batch = next(iterator)
                 except StopIteration:
                     break
+                batch = global_batch.agree_length(batch, self.pad_id)
                 micro = microbatch.split(batch, geometry.accumulation, model_config)
-                lengths = batch["attention_mask"].sum(axis=1)
-                images = int(batch["image_mask"].sum())
-                state, m = step_fn(state, frozen, batch_to_device(micro, self.mesh))
+                step_flops = flops.step_flops(model_config, batch["attention_mask"].sum(axis=1),
+                                              int(batch["image_mask"].sum()), fractions)  # fmt: skip
+                state, m = step_fn(state, frozen, global_batch.to_global(micro, self.mesh, model_config.tokens_per_tile))
                 m = jax.device_get(m)
                 dt = time.perf_counter() - t0
                 step += 1
                 bar.update(1)
                 window["tokens"] += int(m["tokens"])
-                window["flops"] += flops.step_flops(model_config, lengths, images, fractions)
+                window["flops"] += step_flops  # of this process's rows; summed over processes when logged
                 window["time"] += dt
                 window["steps"] += 1
                 lr_updates = updates  # the learning rate this step used
@@ -320,7 +311,7 @@ class StageRun:
                         "learning_rate": float(schedules[first_group](lr_updates)), "learning_rates": lrs,
                         "grad_norm": float(m["grad_norm"]), "tokens_per_s": window["tokens"] / window["time"],
                         "step_time_s": window["time"] / window["steps"],
-                        "mfu": window["flops"] / window["time"] / peak if peak > 0 else None,
+                        "mfu": hosts.sum_over_processes(window["flops"]) / window["time"] / peak if peak > 0 else None,
                         "skipped_records": sum(iterator.stats["skipped"].values()),
                         "nonfinite_steps": int(state.nonfinite), "empty_batches": int(state.empty),
                     }  # fmt: skip
@@ -335,7 +326,7 @@ class StageRun:
                                             f"{bad_in_a_row} steps in a row; last good checkpoint: {where}")  # fmt: skip
                 else:
                     bad_in_a_row = 0
-                if self.stopper.requested:
+                if hosts.any_process(self.stopper.requested):  # every process saves at the same step
                     save(step)
                     checkpoints.wait()
                     bar.close()

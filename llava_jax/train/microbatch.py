@@ -32,24 +32,31 @@ def images_per_row(batch: dict[str, np.ndarray], config) -> np.ndarray:
     return counts
 
 
+ROW_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")  # [B, T]; the last two packed only
+
+
 def split(batch: dict[str, np.ndarray], accumulation: int, config) -> dict[str, np.ndarray]:
-    """{input_ids, labels, attention_mask: [A, b, T]; pixel_values: [A, s, ...]; feature_index: [A, F]
-    for anyres} with A = accumulation, b = B / A, s = b * max_images_per_example."""
+    """{input_ids, labels, attention_mask (and segment_ids, positions for packed rows): [A, b, T];
+    pixel_values: [A, s, ...]; image_mask: [A, s] (1 on the slots holding an image, which come first);
+    feature_index: [A, F] for anyres} with A = accumulation, b = B / A, s = b * max_images_per_example."""
     rows = batch["input_ids"].shape[0]
     if rows % accumulation:
         raise ValueError(f"a batch of {rows} rows does not split into {accumulation} micro-batches")
     b = rows // accumulation
     slots = batch["pixel_values"].shape[0] // rows * b
-    out = {k: batch[k].reshape(accumulation, b, *batch[k].shape[1:]) for k in ("input_ids", "labels", "attention_mask")}
+    out = {k: batch[k].reshape(accumulation, b, *batch[k].shape[1:]) for k in ROW_KEYS if k in batch}
     counts = images_per_row(batch, config)
     starts = np.concatenate([[0], np.cumsum(counts)])
     pixels = np.zeros((accumulation, slots, *batch["pixel_values"].shape[1:]), batch["pixel_values"].dtype)
     sizes = np.zeros((accumulation, slots, 2), np.int32)
+    image_mask = np.zeros((accumulation, slots), np.int32)
     for a in range(accumulation):
         first, last = starts[a * b], starts[(a + 1) * b]
         pixels[a, : last - first] = batch["pixel_values"][first:last]
         sizes[a, : last - first] = batch["image_sizes"][first:last]
+        image_mask[a, : last - first] = 1
     out["pixel_values"] = pixels
+    out["image_mask"] = image_mask
     if config.is_anyres:
         out["feature_index"] = np.stack(
             [feature_index(config, sizes[a], int(counts[a * b : (a + 1) * b].sum()), pixels.shape[2], slots)

@@ -60,7 +60,10 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def write_stage(stage: str, config: LlavaConfig, template: str | None, lora: dict | None, side_from: str | None) -> None:
-    """stage.json and the side files, written once when a stage first starts."""
+    """stage.json and the side files, written once when a stage first starts, by process 0 (the others
+    wait for it at a barrier before reading them)."""
+    if jax.process_index() != 0:
+        return
     side = os.path.join(stage, "side")
     os.makedirs(side, exist_ok=True)
     if side_from:
@@ -68,8 +71,7 @@ def write_stage(stage: str, config: LlavaConfig, template: str | None, lora: dic
             src = os.path.join(side_from, name)
             if os.path.isfile(src):
                 shutil.copy2(src, os.path.join(side, name))
-    if jax.process_index() == 0:
-        write_json(os.path.join(stage, STAGE_FILE), {"config": config.to_dict(), "template": template, "lora": lora})
+    write_json(os.path.join(stage, STAGE_FILE), {"config": config.to_dict(), "template": template, "lora": lora})
 
 
 def step_dirs(stage: str) -> list[int]:

@@ -13,6 +13,8 @@ Config layout (see configs/ for complete files):
         data.files (comma-separated), data.image_folder, data.template, data.max_length,
         data.image_aspect_ratio ("" keeps the model's), data.group_by_modality_length, data.num_workers,
         data.length_buckets (padded lengths a batch may take; () for max_length / 8, / 4, / 2, max_length)
+        data.packing ("" | "first_fit" | "best_fit": examples_per_row records packed into each row of
+        max_length tokens; the batch sizes then count rows), data.examples_per_row
         global_batch_size, per_device_batch_size (0: global / data-parallel devices, no accumulation),
         epochs, trainable ((regex, lr), ...), warmup_ratio, weight_decay, clip_norm,
         lora.rank (0: off), lora.alpha, lora.dropout, lora.target, lora.lr

@@ -1,7 +1,9 @@
 """The jitted train step: gradient accumulation as a scan over micro-batches, then one AdamW update.
 
 batch: every array with a leading micro-batch axis A (see `microbatch.split`): input_ids, labels,
-attention_mask [A, b, T]; pixel_values [A, m, ...]; feature_index [A, F] for anyres models. The loss
+attention_mask [A, b, T] (packed rows also segment_ids, positions [A, b, T]: attention stays within an
+example, RoPE positions restart); pixel_values [A, m, ...] with image_mask [A, m]; feature_index [A, F]
+for anyres models (`global_batch.to_global` lays them out across processes). The loss
 of each micro-batch is its summed token cross-entropy divided by the supervised tokens of the whole
 batch, so the accumulated gradient is the gradient of the global-batch mean whatever A is.
 
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llava_jax.train.global_batch import real_images_first
 from llava_jax.train.loss import summed_loss, supervised_tokens
 from llava_jax.train.optimizer import merge_params
 from llava_jax.train.state import TrainState
@@ -39,8 +42,11 @@ def forward_loss(graphdef: nnx.GraphDef, trainable, frozen, micro: dict, total_t
     """This micro-batch's share of the global-batch mean loss (a float32 scalar)."""
     model = nnx.merge(graphdef, merge_params(trainable, frozen))
     set_lora_dropout(model, dropout_key)
-    logits = model(micro["input_ids"], micro.get("pixel_values"), micro["attention_mask"],
-                   feature_index=micro.get("feature_index"))  # fmt: skip
+    pixels, feature_index = micro.get("pixel_values"), micro.get("feature_index")
+    if pixels is not None and feature_index is None and "image_mask" in micro:  # several processes' images
+        pixels = real_images_first(pixels, micro["image_mask"])
+    logits = model(micro["input_ids"], pixels, micro["attention_mask"], feature_index=feature_index,
+                   positions=micro.get("positions"), segment_ids=micro.get("segment_ids"))  # fmt: skip
     return summed_loss(logits, micro["labels"], total_tokens)
 
 
