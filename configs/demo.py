@@ -13,11 +13,12 @@ answered with the cell's name as the captions say it ("Where is the red shape?" 
 Afterwards `llava_jax.demo.evaluate` asks the held-out questions with the real image and with a blank one
 (a reply is right when it starts with the answer's words); the summary's "evaluation" holds the accuracies.
 
-Measured (2026-12-01, exactly the command above, 500 + 1560 steps; `uptime` load 0.5-2.4 on the 2 cores, mostly
-this run): 339 s wall (5.6 min; 461 s user + 155 s system CPU; stage 1 ~0.15 s a step, stage 2 ~0.13 s, ~10 s
-of compiles, data + tokenizer + held-out scoring ~10 s), held-out accuracy 0.9525 with the images and 0.23 with
-blank ones; colour 1.00, shape 1.00, count 1.00, position 0.84 (blank: colour 0.17, shape 0.40, count 0.00,
-position 0.18). The same run under other work (load 1.8-3.4) took 386 s with the same figures.
+Measured (2026-12-01, exactly the command above on this branch merged with main, 500 + 1560 steps; `uptime`
+load 1.3-2.0 on the 2 cores, mostly this run): 310 s wall (5.2 min; 424 s user + 143 s system CPU; ~0.13 s a
+step, ~10 s of compiles, imports + data + tokenizer + held-out scoring ~10 s), held-out accuracy 0.9525 with the
+images and 0.23 with blank ones; colour 1.00, shape 1.00, count 1.00, position 0.84 (blank: colour 0.17, shape
+0.40, count 0.00, position 0.18). Before the merge the same command gave the same figures in 339 s (load
+0.5-2.4), and 386 s under other work (load 1.8-3.4).
 
 Variants (all the whole command, seed 0; accuracy with the images / with blank ones):
 - before (colour and shape asked by cell, "Which column is the red shape in?", stage-2 lr 1e-3): 0.525 / 0.28,
