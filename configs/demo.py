@@ -12,6 +12,8 @@ colour by shape ("What color is the circle?"), shape by colour ("What shape is t
 answered with the cell's name as the captions say it ("Where is the red shape?" -> "top left"), and count.
 Afterwards `llava_jax.demo.evaluate` asks the held-out questions with the real image and with a blank one
 (a reply is right when it starts with the answer's words); the summary's "evaluation" holds the accuracies.
+The model declares semantics "original" (see model()), so `llava_jax.load(WORKDIR)` prompts it as it was trained
+and `python -m llava_jax.convert --to hf` refuses it (transformers' processor would drop that "▁").
 
 Measured (2026-12-01, exactly the command above on this branch merged with main, 500 + 1560 steps; `uptime`
 load 1.3-2.0 on the 2 cores, mostly this run): 310 s wall (5.2 min; 424 s user + 143 s system CPU; ~0.13 s a
