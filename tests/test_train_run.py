@@ -97,6 +97,7 @@ def test_resume_after_sigterm_logs_identical_losses(tmp_path, args, env, uninter
     ("--config.stages.main.data.image_folder=/no/such/dir", "image_folder"),
     ("--config.stages.main.global_batch_size=5", "global_batch_size"),
     ("--config.stages.main.init.kind=previous", "previous"),
+    ("--config.stages.main.data.max_length=160", "length_buckets"),
 ])  # fmt: skip
 def test_user_errors_are_one_line_and_exit_2(tmp_path, args, env, override, needle):
     run = train(str(tmp_path / "run"), args, {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},

@@ -44,6 +44,7 @@ from llava_jax.data.image import ImageProcessor, load_image
 from llava_jax.model import anyres
 from llava_jax.data.records import RecordStore, load_records
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.errors import ConfigError
 
 __all__ = ["DataConfig", "ImageStep", "LlavaDataset", "BatchIterator", "load_records", "pad_to_length"]
 
@@ -88,17 +89,18 @@ class DataConfig:
 
     def __post_init__(self):
         if self.packing not in (None, *PACKING_METHODS):
-            raise ValueError(f"packing must be None, 'first_fit' or 'best_fit', got {self.packing!r}")
+            raise ConfigError(f"packing must be None, 'first_fit' or 'best_fit', got {self.packing!r}")
         if self.examples_per_row < 1:
-            raise ValueError(f"examples_per_row must be positive, got {self.examples_per_row}")
+            raise ConfigError(f"examples_per_row must be positive, got {self.examples_per_row}")
         if self.on_bad_record not in ("skip", "raise"):
-            raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {self.on_bad_record!r}")
+            raise ConfigError(f"on_bad_record must be 'skip' or 'raise', got {self.on_bad_record!r}")
         if self.batch_size < 1 or self.max_images_per_example < 1:
-            raise ValueError("batch_size and max_images_per_example must be positive")
+            raise ConfigError("batch_size and max_images_per_example must be positive")
         buckets = self.buckets
         if buckets != tuple(sorted(set(buckets))) or buckets[-1] != self.max_length or buckets[0] < 1:
-            raise ValueError(
-                f"length_buckets {buckets} must be increasing, positive and end at max_length {self.max_length}"
+            raise ConfigError(
+                f"data.length_buckets {buckets} must be increasing, positive and end at data.max_length "
+                f"{self.max_length}: set length_buckets with max_length (e.g. length_buckets=({self.max_length},))"
             )
 
     @property
@@ -167,7 +169,7 @@ class HostBatches:
         self._cache: dict[int, list[np.ndarray]] = {}
         self.batches_per_epoch = len(self._epoch(0))
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(signed_lengths)} records make no batch of {config.records_per_step} x {process_count} hosts "
                 "with drop_remainder=True"
             )
