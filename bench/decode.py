@@ -1,6 +1,7 @@
 """Decoding speed of llava_jax against transformers (PyTorch, CPU) on the same ~300M LLaVA.
 
     python bench/decode.py [--repeats 5] [--skip_hf] [--batches 1,8] [--no_bf16] [--quantize int8,int4]
+                           [--decoder bench|7b] [--layers N]
 
 One model of realistic shape (CLIP ViT-B/14 at 224 -> 256 image tokens; a 12-layer 1024-wide LLaMA
 with MLP 2816 and vocab 32064), random weights built in transformers, saved with save_pretrained and
@@ -14,6 +15,9 @@ loaded with `llava_jax.load`; the same prompt (BOS, one image, text: 297 tokens)
   load our runs saw) and its best one (a conservative bound).
 - int8 / int4 rows: the same checkpoint loaded with `quantize=` (float32 activations; on CPU the
   "copy" layout's int8 x int8 products, see llava_jax.quant), against our float32 in the same run.
+- `--decoder 7b`: LLaVA-1.5-7B's decoder layers (4096 wide, MLP 11008, 32 heads; `--layers` of them, default 4)
+  in place of the benchmark's small ones, whose float32 matrices (4-12 MB) are read largely from cache;
+  a 7B layer's (64-176 MB) are not.
 The sides run in turn within every repeat (the machine is shared and its load drifts); every figure is
 the median of --repeats runs, and ratios are taken of the medians.
 """
@@ -180,7 +184,14 @@ def main():
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 run")
     parser.add_argument("--quantize", default="int8,int4", help="comma-separated quantized rows ('' for none)")
+    parser.add_argument("--decoder", default="bench", choices=("bench", "7b"), help="the decoder layers' shape")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 12 bench, 4 7b)")
     args = parser.parse_args()
+    if args.decoder == "7b":
+        TEXT.update(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                    num_hidden_layers=4)  # fmt: skip
+    if args.layers:
+        TEXT["num_hidden_layers"] = args.layers
     batches = [int(b) for b in args.batches.split(",")]
 
     import llava_jax
