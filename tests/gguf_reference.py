@@ -41,17 +41,23 @@ class GGUFContents:
                 writer.add_string(key, value)
             else:
                 writer.add_array(key, list(value))
-        for name, value in self.tensors.items():
-            if isinstance(value, tuple):
-                data, qtype = value
-                writer.add_tensor(name, data, raw_dtype=qtype)
-            else:
-                writer.add_tensor(name, value)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        finish(writer, self.tensors)
         return path
+
+
+def finish(writer: gguf.GGUFWriter, tensors: dict) -> None:
+    """Adds `tensors` (name -> array, or (raw bytes array, GGMLQuantizationType)) after the writer's metadata
+    and writes the file."""
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            data, qtype = value
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:

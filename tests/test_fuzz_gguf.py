@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from llava_jax.checkpoints.gguf_file import GGUFFile
 from llava_jax.checkpoints.gguf_header import check_gguf_header
 from llava_jax.errors import CheckpointError
+from tests import gguf_reference
 from tests.fuzzing import EXAMPLES, FUZZ, Tally
 
 gguf = pytest.importorskip("gguf")  # the [gguf] extra, a third-party package
@@ -54,15 +55,7 @@ def write_gguf(path: str, items: dict, tensors: dict) -> None:
             writer.add_key_value(key, value, vtype, sub_type=item_type)
         else:
             writer.add_key_value(key, value, vtype)
-    for name, value in tensors.items():
-        if isinstance(value, tuple):
-            writer.add_tensor(name, value[0], raw_dtype=value[1])
-        else:
-            writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gguf_reference.finish(writer, tensors)
 
 
 def base_tensors():
