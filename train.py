@@ -65,4 +65,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from llava_jax.host_malloc import reexec_for_cpu
+
+    reexec_for_cpu()  # on the CPU backend: glibc settings that keep XLA's step memory mapped (see the module)
     app.run(main)

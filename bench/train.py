@@ -231,4 +231,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from llava_jax.host_malloc import reexec_for_cpu
+
+    reexec_for_cpu()  # both sides run in this process, under the same glibc settings (see the module)
     main()

@@ -31,6 +31,7 @@ def base(stage_order: tuple[str, ...]) -> ml_collections.ConfigDict:
     c.compute_dtype = "bfloat16"
     c.param_dtype = "float32"  # float32 master weights; "bfloat16" trains in bfloat16 throughout
     c.remat = "full"
+    c.loss_chunk = 64  # LM head + cross-entropy over the supervised positions, this many per chunk; 0: all positions
     c.mfu_peak_tflops = 0.0  # per-device matmul peak for the MFU column (0: leave it out)
     c.progress = True
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -191,3 +191,16 @@ def test_schedule_warms_up_then_decays_as_hf_cosine():
             progress = (step - warm) / (total - warm)
             expected = peak * 0.5 * (1 + np.cos(np.pi * progress))
         np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-12)
+
+
+def test_supervised_only_logits_give_the_update_of_every_position_logits():
+    """The step's default loss (LM head over the supervised positions, in chunks) against loss_chunk=0."""
+    graphdef, optimizer, state, frozen, _ = setup([(".*", 1.0)], sgd=True)
+    batch = make_batch(seed=3)
+    results = [run_step(make_train_step(graphdef, optimizer, donate=False, loss_chunk=chunk), state, frozen, batch, 2)
+               for chunk in (0, 4)]  # fmt: skip
+    (full_state, full), (chunked_state, chunked) = results
+    np.testing.assert_allclose(float(chunked["loss"]), float(full["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(chunked["grad_norm"]), float(full["grad_norm"]), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(chunked_state.trainable), jax.tree.leaves(full_state.trainable)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ as transformers does.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -167,8 +168,37 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [B, T, D] -> logits [B, T, V] in float32."""
+        head = self.head()
+        if head is None:  # lm_head is not a plain Linear (LoRA adapters on it)
+            return constrain(self.lm_head(hidden).astype(jnp.float32), ("batch", None, "act_vocab"))
+        fn, weights = head
+        return fn(weights, hidden)
+
+    def head(self):
+        """The LM head as a pure function of its weights, for code that differentiates it on its own
+        (train.loss.chunked_summed_loss): (fn, weights) with fn(weights, hidden [B, T, D]) -> float32
+        logits [B, T, V]; weights: the embedding [V, D] when tied, else {"kernel": [D, V], "bias"?: [V]}.
+        None when lm_head is not a plain Linear."""
         if self.lm_head is None:
-            out = jnp.dot(hidden, self.embed[...].astype(hidden.dtype).T, preferred_element_type=jnp.float32)
-        else:
-            out = self.lm_head(hidden).astype(jnp.float32)
-        return constrain(out, ("batch", None, "act_vocab"))
+            return tied_logits, self.embed[...]
+        if type(self.lm_head) is not Linear:
+            return None
+        weights = {"kernel": self.lm_head.kernel[...]}
+        if self.lm_head.bias is not None:
+            weights["bias"] = self.lm_head.bias[...]
+        return functools.partial(linear_logits, self.lm_head.dtype), weights
+
+
+def tied_logits(embed: jax.Array, hidden: jax.Array) -> jax.Array:
+    """Logits [B, T, V] (float32) of hidden [B, T, D] against the embedding [V, D] (tied LM head)."""
+    out = jnp.dot(hidden, embed.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
+    return constrain(out, ("batch", None, "act_vocab"))
+
+
+def linear_logits(dtype, weights: dict, hidden: jax.Array) -> jax.Array:
+    """Logits [B, T, V] (float32) of hidden [B, T, D] through an untied LM head computing in `dtype`, as
+    `Linear` does: weights {"kernel": [D, V], "bias"?: [V]}."""
+    out = jnp.dot(hidden.astype(dtype), weights["kernel"].astype(dtype))
+    if "bias" in weights:
+        out = out + weights["bias"].astype(dtype)
+    return constrain(out.astype(jnp.float32), ("batch", None, "act_vocab"))

@@ -130,13 +130,19 @@ class LlavaModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, attention_mask=None,
                  image_sizes=None, positions=None, feature_index=None, segment_ids=None) -> jax.Array:  # fmt: skip
-        """Logits of a whole sequence (no cache).
+        """Logits of a whole sequence (no cache): float32 [B, T, V]; the arguments as `hidden_states`'."""
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, image_sizes, positions, feature_index,
+                                    segment_ids)  # fmt: skip
+        return self.decoder.logits(hidden)
+
+    def hidden_states(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, attention_mask=None,
+                      image_sizes=None, positions=None, feature_index=None, segment_ids=None) -> jax.Array:  # fmt: skip
+        """The decoder's final-normed hidden states [B, T, D] of a whole sequence (no cache), the LM head's input.
 
         input_ids: [B, T] int; pixel_values: [N, C, H, W] (or the NeXT layout [N, P, C, H, W] with
         image_sizes or feature_index, see `image_features`); attention_mask: [B, T] (1 = token,
         0 = padding); positions: [B, T], default 0..T-1 as transformers uses without a cache;
         segment_ids: [B, T] for packed rows (llava_jax.data.packing): attention stays within a segment.
-        Returns float32 logits [B, T, V].
         """
         b, t = input_ids.shape
         features = None if pixel_values is None else self.image_features(pixel_values, image_sizes, feature_index)
@@ -151,7 +157,7 @@ class LlavaModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         hidden, _ = self.decoder(x, positions, attention_mask, segment_ids=segment_ids)
-        return self.decoder.logits(hidden)
+        return hidden
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         return KVCache.zeros(self.cfg.text, batch, length, dtype or jnp.dtype(self.cfg.dtype))

@@ -26,7 +26,7 @@ from llava_jax.train import flops, global_batch, hosts, metrics, microbatch, run
 from llava_jax.train.checkpointing import StageCheckpoints
 from llava_jax.train.optimizer import Groups, make_optimizer, merge_params, split_params
 from llava_jax.train.state import TrainState
-from llava_jax.train.step import make_train_step
+from llava_jax.train.step import LOSS_CHUNK, make_train_step
 
 # Fields that do not change what a run computes: they may differ when a run resumes.
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "keep_checkpoints", "progress", "mfu_peak_tflops")
@@ -189,7 +189,7 @@ class StageRun:
             if self.writer.enabled:  # process 0's file
                 metrics.truncate(self.writer.path, lambda r: order.index(r["stage"]) < self.index or
                                  (r["stage"] == self.name and r["step"] <= latest))  # fmt: skip
-        step_fn = make_train_step(graphdef, optimizer)
+        step_fn = make_train_step(graphdef, optimizer, loss_chunk=int(cfg.get("loss_chunk", LOSS_CHUNK)))
         fractions = flops.trainable_fractions(trainable, frozen)
         try:
             return self._loop(state, frozen, iterator, step_fn, checkpoints, model_config, geometry, total, schedules,

@@ -4,6 +4,7 @@ Config layout (see configs/ for complete files):
 
     seed, max_steps (-1: no cap), log_every, checkpoint_every, keep_checkpoints, max_nonfinite_in_a_row,
     compute_dtype, param_dtype (float32: master weights), remat (a policy of model.layers.REMAT_POLICIES), mfu_peak_tflops,
+    loss_chunk (positions per chunk of the supervised-only LM head, train.loss.chunked_summed_loss; 0: every position),
     mesh.data, mesh.fsdp, mesh.tensor (-1: the rest of the devices),
     stage_order: the stage names in the order they run (ConfigDict sorts its keys, so the order is explicit),
     stages.<name>: one ConfigDict per stage:
@@ -125,6 +126,9 @@ def check(cfg) -> None:
 
     if cfg.get("remat", "none") not in REMAT_POLICIES:
         raise ConfigError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {cfg.remat!r}")
+    loss_chunk = cfg.get("loss_chunk", 0)
+    if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
+        raise ConfigError(f"loss_chunk must be an integer >= 0 (0: the logits of every position), got {loss_chunk!r}")
     for i, name in enumerate(order(cfg)):
         stage = cfg.stages[name]
         init = field(stage, "init", f"stages.{name}")
