@@ -7,16 +7,17 @@ random weights built in transformers and loaded by llava_jax from the same files
 vision tower frozen, projector + LLM trained with AdamW (global-norm clipping at 1.0); the same batch
 on both sides (B sequences of BOS + 256 image tokens + 40 text tokens, the text supervised).
 
-- supervised tokens/s: supervised targets per step / the median step time (--repeats steps per side,
-  the sides alternating so both see the same load of this shared machine).
+- supervised tokens/s: supervised targets per step / the median step time (--repeats steps per side
+  after two untimed rounds, the sides alternating so both see the same load of this shared machine).
 - MFU: llava_jax.train.flops (the same analytic count for both sides: frozen tower forward only,
   no weight gradients for frozen weights) / step time / the matmul peak measured in this run (the
   faster of JAX's and PyTorch's 4096^2 matmul, float32 or bfloat16 as the row computes).
 - peak memory: the process's resident memory above its level before the step (sampled every 2 ms
-  during the timed steps), both sides measured the same way; for llava_jax also XLA's own figure
+  during every step, warm-up included), both sides measured the same way; for llava_jax also XLA's own figure
   (arguments + outputs + temporaries of the compiled step).
 - loss parity: the first step's loss on both sides (float32; same weights, same batch).
-bf16 rows: llava_jax computes in bfloat16 with float32 master weights; PyTorch under
+Both sides run in this one process, re-executed under llava_jax.host_malloc's glibc settings (set
+LLAVA_JAX_DEFAULT_MALLOC=1 to keep glibc's defaults). bf16 rows: llava_jax computes in bfloat16 with float32 master weights; PyTorch under
 torch.autocast("cpu", torch.bfloat16). The last line is a JSON summary.
 """
 
@@ -160,15 +161,23 @@ class TorchSide:
         return float(loss.detach())
 
 
-def measure(sides: dict, repeats: int) -> dict:
-    """{name: side} -> {name: {"step_s", "rss_peak_bytes", "first_loss"}}; the sides alternate every repeat."""
-    out = {name: {"first_loss": side.step(), "times": [], "rss": 0} for name, side in sides.items()}  # warm-up
-    for _ in range(repeats):
+def measure(sides: dict, repeats: int, warmup: int = 2) -> dict:
+    """{name: side} -> {name: {"step_s", "rss_peak_bytes", "first_loss"}}; the sides alternate every step.
+
+    `warmup` untimed rounds first: the first steps of a side allocate its working set (page faults),
+    and the other side's steps in between can take memory it freed, so a side settles only after a
+    round or two. The peak RSS covers every step, warm-up included."""
+    out = {name: {"first_loss": None, "times": [], "rss": 0} for name in sides}
+    for round_ in range(warmup + repeats):
         for name, side in sides.items():
             with RssPeak() as rss:
                 t0 = time.perf_counter()
-                side.step()
-                out[name]["times"].append(time.perf_counter() - t0)
+                loss = side.step()
+                seconds = time.perf_counter() - t0
+            if out[name]["first_loss"] is None:
+                out[name]["first_loss"] = loss
+            if round_ >= warmup:
+                out[name]["times"].append(seconds)
             out[name]["rss"] = max(out[name]["rss"], rss.above_entry)
     return {name: {"step_s": statistics.median(r["times"]), "rss_peak_bytes": r["rss"], "first_loss": r["first_loss"]}
             for name, r in out.items()}  # fmt: skip

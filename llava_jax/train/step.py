@@ -28,6 +28,12 @@ from llava_jax.train.state import TrainState
 
 LOSS_CHUNK = 64  # positions per chunk of the LM head and cross-entropy (loss.chunked_summed_loss)
 
+# XLA:CPU hands dots to YNNPACK by default, which runs the train step's GEMMs (a few hundred rows against
+# 1024-2816-wide weights) at 100-145 GFLOP/s on the 2-core benchmark machine where XLA's Eigen path and
+# PyTorch reach 130-230, and the whole step takes ~13% longer (bench/train.py). Decoding's matrix-vector
+# products go the other way (YNNPACK streams them faster), so this is the train step's setting alone.
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_xnnpack": False}
+
 
 def set_lora_dropout(model: nnx.Module, key: jax.Array | None) -> None:
     """Turns the LoRA adapters' dropout on with `key` where the model has adapters."""
@@ -113,4 +119,5 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": total, "applied": apply, "finite": finite}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    return jax.jit(step, donate_argnums=(0,) if donate else (), compiler_options=options)
