@@ -17,8 +17,9 @@ on both sides (B sequences of BOS + 256 image tokens + 40 text tokens, the text 
   (arguments + outputs + temporaries of the compiled step).
 - loss parity: the first step's loss on both sides (float32; same weights, same batch).
 Both sides run in this one process, re-executed under llava_jax.host_malloc's glibc settings (set
-LLAVA_JAX_DEFAULT_MALLOC=1 to keep glibc's defaults). bf16 rows: llava_jax computes in bfloat16 with float32 master weights; PyTorch under
-torch.autocast("cpu", torch.bfloat16). The last line is a JSON summary.
+LLAVA_JAX_DEFAULT_MALLOC=1 to keep glibc's defaults). bf16 rows: llava_jax computes in bfloat16 with
+float32 master weights; PyTorch under torch.autocast("cpu", torch.bfloat16). The last line is a JSON
+summary.
 """
 
 from __future__ import annotations
